@@ -1,0 +1,145 @@
+"""Content-addressed artifact cache: atomic writes, one builder at a time, verified reads.
+
+Layout under the cache root:
+    <key>/                      the optimized checkpoint, plus
+    <key>/slimserve-manifest.json   sha256 and size of every file, and what made it
+    <key>.lock                  held while <key> is being built (works across processes and,
+                                through the file system's locks, across nodes on a shared volume)
+
+An artifact is served only after every file matches its manifest; one that does not (truncated,
+tampered, half-deleted) is logged, removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "slimserve-manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file below `folder` (the manifest itself excluded)."""
+    return {
+        rel: {"sha256": sha256_file(folder / rel), "size": (folder / rel).stat().st_size}
+        for rel in _relative_files(folder)
+    }
+
+
+def _relative_files(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+class CorruptArtifact(Exception):
+    pass
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Return the manifest of `folder` after checking every file against it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        expected = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptArtifact(f"{folder}: manifest missing or unreadable ({e})") from None
+    for rel, want in expected.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CorruptArtifact(f"{folder}: {rel} is missing")
+        if p.stat().st_size != want["size"]:
+            raise CorruptArtifact(f"{folder}: {rel} has {p.stat().st_size} bytes, manifest says {want['size']}")
+        if sha256_file(p) != want["sha256"]:
+            raise CorruptArtifact(f"{folder}: {rel} does not match its sha256")
+    extra = set(_relative_files(folder)) - set(expected)
+    if extra:
+        raise CorruptArtifact(f"{folder}: files not in the manifest: {sorted(extra)}")
+    return manifest
+
+
+
+
+class ArtifactCache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+
+    def path(self, key: str) -> Path:
+        if not key.isalnum():  # keys are hex digests; anything else could escape the root
+            raise ValueError(f"invalid cache key {key!r}")
+        return self.root / key
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The verified manifest of a cached artifact, or None (a corrupt one is removed)."""
+        folder = self.path(key)
+        if not folder.exists():
+            return None
+        try:
+            return verify(folder)
+        except CorruptArtifact as e:
+            log.warning("corrupt cached artifact, rebuilding: %s", e)
+            self._discard(folder)
+            return None
+
+    def get_or_build(
+        self, key: str, build: Callable[[Path], dict[str, Any]], info: dict[str, Any]
+    ) -> tuple[Path, dict[str, Any], bool]:
+        """Return (folder, manifest, hit). `build(tmp)` writes the artifact into `tmp` and returns
+        facts for the manifest; it runs at most once per key across all processes sharing `root`."""
+        manifest = self.lookup(key)
+        if manifest is not None:
+            return self.path(key), manifest, True
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f"{key}.lock")):
+            manifest = self.lookup(key)  # another builder may have finished while we waited
+            if manifest is not None:
+                return self.path(key), manifest, True
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=self.root))
+            try:
+                t0 = time.monotonic()
+                facts = build(tmp)
+                manifest = {
+                    **info,
+                    "key": key,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "build_seconds": round(time.monotonic() - t0, 3),
+                    "report": facts,
+                    "files": file_digests(tmp),
+                }
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                tmp.chmod(0o755)
+                final = self.path(key)
+                if final.exists():
+                    self._discard(final)
+                os.rename(tmp, final)  # atomic: readers see nothing or the whole artifact
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return final, manifest, False
+
+    def _discard(self, folder: Path) -> None:
+        # Rename first so a reader never sees a half-deleted folder under the real key.
+        trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(folder, trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)

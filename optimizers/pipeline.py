@@ -1,0 +1,142 @@
+"""optimize → verify → cache: the one entry point the on-load hook and the CLI call.
+
+The optimization itself runs in a child process, in the *optimizer environment* (the one with
+llm-compressor; see `optimizer_python`). Two reasons: llm-compressor and vLLM pin different
+versions of compressed-tensors and transformers, and a child's exit hands back every byte that
+calibration used before the engine sizes its KV cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cache import ArtifactCache, sha256_file
+from .models import resolve_source
+from .registry import Optimization, parse
+
+log = logging.getLogger(__name__)
+
+RESULT_PREFIX = "SLIMSERVE_RESULT "
+
+
+@dataclass
+class OptimizeResult:
+    path: Path  # the checkpoint the engine should load
+    base: Path
+    method: str
+    cache_hit: bool | None  # None: nothing to cache (method `none`)
+    seconds: float  # wall time of this call, lookup included
+    manifest: dict[str, Any]
+
+
+def optimizer_python() -> str:
+    """The Python interpreter of the optimizer environment.
+
+    $SLIMSERVE_OPTIMIZER_PYTHON if set; else `.venv-opt/bin/python` beside this environment's
+    folder (the layout `make` builds); else this interpreter when llm-compressor imports here."""
+    env = os.environ.get("SLIMSERVE_OPTIMIZER_PYTHON")
+    if env:
+        return env
+    sibling = Path(sys.prefix).parent / ".venv-opt" / "bin" / "python"
+    if sibling.exists():
+        return str(sibling)
+    import importlib.util
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        return sys.executable
+    raise RuntimeError(
+        "no optimizer environment: set SLIMSERVE_OPTIMIZER_PYTHON to a Python that has "
+        "slimserve and llm-compressor installed (`make` builds one in .venv-opt)"
+    )
+
+
+def _library_versions(python: str, names: tuple[str, ...]) -> dict[str, str]:
+    if not names:
+        return {}
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    )
+    out = subprocess.run([python, "-c", code, *names], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def base_digest(base: Path, memo_dir: Path) -> str:
+    """Content hash of a checkpoint folder. Per-file hashes are memoized by (path, size, mtime)
+    so that a restart does not re-read many GB of weights."""
+    memo_file = memo_dir / ".base-digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    h = hashlib.sha256()
+    changed = False
+    for p in sorted(x for x in base.rglob("*") if x.is_file()):
+        st = p.stat()
+        memo_key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = sha256_file(p)
+            changed = True
+        h.update(f"{p.relative_to(base).as_posix()}\0{memo[memo_key]}\n".encode())
+    if changed:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    return h.hexdigest()
+
+
+def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"base": base_hash, "spec": spec.model_dump(mode="json"), "versions": versions}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _run_child(python: str, spec: Optimization, base: Path, out: Path) -> dict[str, Any]:
+    request = json.dumps({"spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out)})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log.info("optimizing %s with %s in a child process (%s)", base.name, spec.method, python)
+    # stderr is inherited so that progress bars and llm-compressor's log reach the replica's log.
+    proc = subprocess.run(
+        [python, "-m", "slimserve.optimizers.worker", request],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX):])
+        else:
+            print(line, file=sys.stderr)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"optimization {spec.method} of {base} failed (exit {proc.returncode}); see the log above")
+    return result
+
+
+def optimize(source: str, spec: Optimization | dict | str, cache_dir: str | os.PathLike) -> OptimizeResult:
+    """Return the checkpoint to serve for `source` optimized by `spec`, building it if needed."""
+    t0 = time.monotonic()
+    spec = parse(spec)
+    base = resolve_source(source)
+    if not spec.produces_artifact:
+        return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, {"method": spec.method})
+    python = optimizer_python() if spec.needs_optimizer_env else sys.executable
+    versions = _library_versions(python, spec.libraries)
+    cache = ArtifactCache(cache_dir)
+    key = cache_key(base_digest(base, cache.root), spec, versions)
+    info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions}
+    path, manifest, hit = cache.get_or_build(key, lambda tmp: _run_child(python, spec, base, tmp), info)
+    seconds = time.monotonic() - t0
+    log.info(
+        "%s: %s in %.1f s -> %s", spec.method, "cache hit" if hit else "built", seconds, path
+    )
+    return OptimizeResult(path, base, spec.method, hit, seconds, manifest)

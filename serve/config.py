@@ -1,0 +1,200 @@
+"""The one slimserve config schema: what a user writes in YAML is what runs.
+
+    cache_dir: ~/.cache/slimserve/artifacts
+    models:
+      - name: smollm2                 # the public name clients send as `model`
+        source: default               # a local HF folder, or `default` (embedded SmolLM2-135M)
+        engine: {max_model_len: 2048}
+        variants:
+          - {name: baseline, weight: 50}
+          - {name: int8, weight: 50, optimization: {method: w8a8}}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slimserve.optimizers.models import DEFAULT_MODEL, slimserve_home
+from slimserve.optimizers.registry import Optimization, parse
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Separates public model name and variant in the model id of a variant's deployment. Not ':'
+# (Ray Serve LLM reads `base:suffix` as a LoRA adapter) and not '/' (it appears in model names).
+VARIANT_SEP = "--"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _parse_optimization(value: Any) -> Optimization:
+    try:
+        return parse(value if value is not None else "none")
+    except ValidationError as e:
+        # Re-raise as a plain message so pydantic nests it under this field's path.
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+
+
+OptimizationField = Annotated[Optimization, BeforeValidator(_parse_optimization)]
+
+
+class EngineSettings(_Strict):
+    """vLLM engine settings. Set on a model; a variant may override any of them."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU cores on a CPU host) one engine is split over.")
+    max_model_len: int | None = Field(2048, ge=16, description="Longest prompt + completion in tokens; None: the model's own limit.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Compute dtype of unquantized layers.")
+    enforce_eager: bool | None = Field(None, description="Skip graph capture. None: on for CPU hosts (much faster start), off on GPU.")
+    cpu_kvcache_gib: float = Field(1.0, gt=0, description="KV cache size per engine on a CPU host (VLLM_CPU_KVCACHE_SPACE).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is (e.g. gpu_memory_utilization).")
+
+    @field_validator("extra")
+    @classmethod
+    def _no_model_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = {"model", "served_model_name", "quantization"} & set(v)
+        if bad:
+            raise ValueError(f"{sorted(bad)} are set by slimserve from the model source and variant")
+        return v
+
+
+class DeploymentSettings(_Strict):
+    """How each variant's engine deployment is placed and scaled (Ray Serve options)."""
+
+    replicas: int = Field(1, ge=1, description="Engine replicas per variant.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
+    num_cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per engine worker (one worker per tensor-parallel rank).")
+    cpu_threads_bind: str = Field(
+        "auto",
+        description="CPU hosts: VLLM_CPU_OMP_THREADS_BIND for the engine. `auto` gives every engine its own "
+        "cores, so engines never share one (sharing a core slows vLLM CPU 20-30x).",
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the replicas.")
+
+
+class Variant(_Strict):
+    """One way of serving a model, with its share of the traffic."""
+
+    name: str = Field(pattern=_NAME, description="Variant name, shown in x-slimserve-variant and metrics.")
+    weight: float = Field(1.0, ge=0, description="Relative share of requests sent to the public name (0: only forced requests).")
+    optimization: OptimizationField = Field(
+        default_factory=lambda: parse("none"),
+        description="What to do to the base model at load: a method name or {method: ..., params}.",
+    )
+    engine: dict[str, Any] = Field(default_factory=dict, description="Overrides of the model's engine settings for this variant.")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        EngineSettings.model_validate(v)  # same fields and checks as the model's engine block
+        return v
+
+
+class ModelSpec(_Strict):
+    """A public model name served by one or more variants."""
+
+    name: str = Field(pattern=_NAME, description="Public model name that clients send as `model`.")
+    source: str = Field(DEFAULT_MODEL, description="Local Hugging Face folder of the base model, or `default`.")
+    trust_remote_code: bool = Field(False, description="Let the model's folder run its own Python code. Off unless needed.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    variants: list[Variant] = Field(min_length=1, description="The variants traffic is split between.")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[Variant]) -> list[Variant]:
+        names = [x.name for x in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate variant names: {dupes}")
+        if sum(x.weight for x in v) <= 0:
+            raise ValueError("all variant weights are 0: at least one must be positive")
+        return v
+
+    def engine_for(self, variant: Variant) -> EngineSettings:
+        return EngineSettings.model_validate({**self.engine.model_dump(exclude_unset=True), **variant.engine})
+
+    def model_id(self, variant: Variant) -> str:
+        return f"{self.name}{VARIANT_SEP}{variant.name}"
+
+
+class IngressSettings(_Strict):
+    """The OpenAI-compatible front door."""
+
+    allow_forced_variant: bool = Field(True, description="Honour the x-slimserve-variant request header.")
+
+
+class SlimserveConfig(_Strict):
+    """A slimserve deployment: models, their variants, and where artifacts are cached."""
+
+    cache_dir: str = Field(
+        default_factory=lambda: str(slimserve_home() / "artifacts"),
+        description="Artifact cache folder (a shared volume / PVC in Kubernetes).",
+    )
+    models: list[ModelSpec] = Field(min_length=1)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> "SlimserveConfig":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names: {dupes}")
+        ids = {m.model_id(v) for m in self.models for v in m.variants}
+        clash = ids & set(names)
+        if clash:
+            raise ValueError(f"public names clash with variant ids: {sorted(clash)}")
+        return self
+
+
+def format_errors(e: ValidationError) -> list[str]:
+    """One line per error: `field.path: reason`."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+class ConfigError(Exception):
+    def __init__(self, source: str, lines: list[str]):
+        self.lines = lines
+        super().__init__(f"invalid slimserve config {source}:\n" + "\n".join(f"  {l}" for l in lines))
+
+
+def load_config(data: str | Path | dict[str, Any]) -> SlimserveConfig:
+    """Validate a config given as a dict, or as the path of a YAML file."""
+    source = "(inline)"
+    if not isinstance(data, dict):
+        source = str(data)
+        try:
+            data = yaml.safe_load(Path(data).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(source, [f"(yaml) {e}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(source, ["(top level): expected a mapping with a `models` list"])
+    try:
+        return SlimserveConfig.model_validate(data)
+    except ValidationError as e:
+        lines = format_errors(e)
+        # pydantic skips list-level checks once an item fails; report duplicates anyway.
+        lines += [l for l in _duplicate_names(data) if l not in lines]
+        raise ConfigError(source, lines) from None
+
+
+def _duplicate_names(data: dict[str, Any]) -> list[str]:
+    def dupes(items: Any) -> list[str]:
+        names = [i.get("name") for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        return sorted({n for n in names if n is not None and names.count(n) > 1})
+
+    models = data.get("models")
+    lines = [f"models: Value error, duplicate model names: {d}" for d in [dupes(models)] if d]
+    for i, m in enumerate(models if isinstance(models, list) else []):
+        if isinstance(m, dict) and (d := dupes(m.get("variants"))):
+            lines.append(f"models.{i}.variants: duplicate variant names: {d}")
+    return [l.replace("Value error, ", "") for l in lines]
