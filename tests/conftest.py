@@ -1,0 +1,79 @@
+"""Shared fixtures: one real Ray cluster (with Serve) per test session, real vLLM CPU engines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+# Nothing may come from a model hub, in this process or in any Ray worker it starts.
+os.environ["HF_HUB_OFFLINE"] = "1"
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
+
+
+def pytest_collection_modifyitems(items):
+    # The demo test starts and stops its own Ray cluster and needs both cores: run it before
+    # the session cluster exists. Then unit tests, then tests against the shared cluster.
+    def rank(item):
+        if "standalone" in item.keywords:
+            return 0
+        return 2 if "e2e" in item.keywords else 1
+
+    items.sort(key=rank)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """A real local Ray cluster with Serve's HTTP proxy on a free loopback port."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """An artifact cache that starts empty, so the first replica really builds its artifact."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+def deploy_and_wait(config: dict, name: str, timeout_s: float = 900) -> None:
+    from ray import serve
+
+    from slimserve.serve.app import build_app
+
+    serve.run_many(
+        [serve.RunTarget(build_app(config), name=name, route_prefix="/")],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{name} failed to deploy: {app.message} {app.deployments}")
+        time.sleep(1)
+    raise TimeoutError(f"{name} not running after {timeout_s} s")
+
+
+def undeploy(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)  # waits until the replicas (and their engines) are gone

@@ -1,0 +1,107 @@
+"""`slimserve config validate`: every error, with its field path, and a non-zero exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from slimserve.serve.config import ConfigError, load_config
+
+
+def validate(tmp_path, text: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "slimserve.yaml"
+    path.write_text(textwrap.dedent(text))
+    return subprocess.run(
+        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(path)],
+        capture_output=True, text=True,
+    )
+
+
+def test_valid_config_passes(tmp_path):
+    r = validate(tmp_path, """
+        models:
+          - name: smollm2
+            variants:
+              - {name: baseline, weight: 70}
+              - {name: int8, weight: 30, optimization: w8a8, engine: {tensor_parallel_size: 2}}
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "smollm2/int8: w8a8, weight 30, tp 2" in r.stdout
+
+
+def test_every_error_is_reported_with_its_path(tmp_path):
+    r = validate(tmp_path, """
+        cache_dir: /tmp/x
+        colour: blue
+        models:
+          - name: smollm2
+            variants:
+              - {name: a, weight: -1}
+              - {name: a, optimization: {method: gptq9}}
+              - {name: b, optimization: {method: w8a8, bits: 3}}
+              - {name: c, engine: {tensor_parallel_size: 0, flash: true}}
+          - name: zero
+            variants:
+              - {name: z, weight: 0}
+    """)
+    assert r.returncode == 1
+    err = r.stderr
+    assert "colour: Extra inputs are not permitted" in err
+    assert "models.0.variants.0.weight: Input should be greater than or equal to 0" in err
+    assert "models.0.variants: duplicate variant names: ['a']" in err
+    assert "models.0.variants.1.optimization: unknown optimization method 'gptq9'; available: none, w8a8" in err
+    assert "models.0.variants.2.optimization: bits: Extra inputs are not permitted" in err
+    assert "models.0.variants.3.engine.tensor_parallel_size: Input should be greater than or equal to 1" in err
+    assert "models.0.variants.3.engine.flash: Extra inputs are not permitted" in err
+    assert "models.1.variants: all variant weights are 0" in err
+
+
+def test_yaml_syntax_error(tmp_path):
+    r = validate(tmp_path, "models: [\n")
+    assert r.returncode == 1
+    assert "(yaml)" in r.stderr
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(tmp_path / "nope.yaml")],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 1 and "cannot read" in r.stderr
+
+
+def test_engine_extra_cannot_override_the_model():
+    with pytest.raises(ConfigError, match=r"models.0.engine.extra: .*'model'"):
+        load_config({"models": [{"name": "m", "engine": {"extra": {"model": "x"}}, "variants": [{"name": "a"}]}]})
+
+
+def test_variant_engine_overrides_merge_with_model_engine():
+    cfg = load_config({
+        "models": [{
+            "name": "m",
+            "engine": {"max_model_len": 1024, "dtype": "bfloat16"},
+            "variants": [{"name": "a"}, {"name": "b", "engine": {"tensor_parallel_size": 2}}],
+        }]
+    })
+    m = cfg.models[0]
+    a, b = (m.engine_for(v) for v in m.variants)
+    assert (a.tensor_parallel_size, a.max_model_len, a.dtype) == (1, 1024, "bfloat16")
+    assert (b.tensor_parallel_size, b.max_model_len, b.dtype) == (2, 1024, "bfloat16")
+
+
+def test_public_name_may_not_clash_with_a_variant_id():
+    with pytest.raises(ConfigError, match="clash"):
+        load_config({"models": [
+            {"name": "m", "variants": [{"name": "a"}]},
+            {"name": "m--a", "variants": [{"name": "b"}]},
+        ]})
+
+
+def test_shipped_configs_validate():
+    from slimserve.serve.demo import demo_config_path
+
+    cfg = load_config(demo_config_path())
+    assert [v.optimization.method for v in cfg.models[0].variants] == ["none", "w8a8"]

@@ -1,0 +1,63 @@
+"""On-load optimization for real: SmolLM2 → W8A8 with llm-compressor in the optimizer environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from safetensors import safe_open
+
+from slimserve.optimizers.cache import MANIFEST
+from slimserve.optimizers.pipeline import optimize
+
+
+def test_none_serves_the_base_checkpoint(tmp_path):
+    r = optimize("default", "none", tmp_path)
+    assert r.path == r.base and r.cache_hit is None
+    assert (r.path / "config.json").exists()
+    assert not any(tmp_path.iterdir())  # nothing cached for the baseline
+
+
+def test_w8a8_builds_an_int8_checkpoint_then_hits_the_cache(tmp_path):
+    first = optimize("default", {"method": "w8a8"}, tmp_path)
+    assert first.cache_hit is False
+    qc = json.loads((first.path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["num_bits"] == 8 and group["input_activations"]["dynamic"] is True
+    with safe_open(str(first.path / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("mlp.down_proj.weight")}
+    assert dtypes == {"I8"}
+    assert (first.path / "tokenizer.json").exists()
+    assert json.loads((first.path / MANIFEST).read_text())["report"]["scheme"] == "W8A8"
+
+    # A restart: the same request is a verified cache hit and runs no optimization.
+    second = optimize("default", {"method": "w8a8"}, tmp_path)
+    assert second.cache_hit is True and second.path == first.path
+    assert second.seconds < first.seconds / 3, (second.seconds, first.seconds)
+
+    # A damaged artifact is detected and rebuilt, never served.
+    weights = first.path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    third = optimize("default", {"method": "w8a8"}, tmp_path)
+    assert third.cache_hit is False
+    assert weights.stat().st_size == json.loads((third.path / MANIFEST).read_text())["files"]["model.safetensors"]["size"]
+
+
+def test_optimize_cli_prints_a_table(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"cache_dir: {tmp_path / 'cache'}\n"
+        "models:\n  - name: smollm2\n    variants:\n      - {name: baseline}\n      - {name: int8, optimization: w8a8}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "slimserve.serve.cli", "optimize", "--config", str(cfg), "--variant", "int8"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.strip().splitlines()
+    assert header.split()[:6] == ["variant", "method", "cache", "seconds", "MB", "vs"]
+    cols = row.split()
+    assert cols[:3] == ["smollm2/int8", "w8a8", "built"]
+    assert 0.4 < float(cols[5].rstrip("x")) < 0.75  # int8 linears, bf16 embeddings
