@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import ArtifactCache, sha256_file
+from .calibration import Calibration
 from .models import resolve_source
 from .registry import Optimization, parse
 
@@ -96,8 +97,13 @@ def base_digest(base: Path, memo_dir: Path) -> str:
 
 
 def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str]) -> str:
+    # Calibration text is named in the spec by path; its content goes into the key too.
+    calibration = {
+        name: value.digest() for name, value in spec if isinstance(value, Calibration)
+    }
     payload = json.dumps(
-        {"base": base_hash, "spec": spec.model_dump(mode="json"), "versions": versions}, sort_keys=True
+        {"base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration, "versions": versions},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -29,6 +29,7 @@ class OptimizeOnLoad(CallbackBase):
         log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
         # The build can take minutes: keep it off the replica's event loop.
         result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"])
+        _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), kw)
         self.llm_config.get_engine_config().hf_model_id = str(result.path)
         # The checkpoint is local: skip Ray Serve LLM's download step.
         self.ctx.run_init_node = False
@@ -43,3 +44,17 @@ class OptimizeOnLoad(CallbackBase):
         }
         self.ctx.custom_data["slimserve"] = self.result
         log.info("%s/%s: engine will load %s", kw["model"], kw["variant"], result.path)
+
+
+def _check_tensor_parallel(checkpoint, tp: int, kw: dict[str, Any]) -> None:
+    """Fail with the variant's name and a way out, rather than deep inside vLLM."""
+    import json
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads = config.get("num_attention_heads")
+    if heads and heads % tp:
+        raise ValueError(
+            f"{kw['model']}/{kw['variant']}: tensor_parallel_size {tp} does not divide the "
+            f"{heads} attention heads of the model; pick a divisor of {heads}, or prune heads first "
+            "(optimization: {method: structured, heads_keep: ...})"
+        )

@@ -1,0 +1,161 @@
+"""The first slice end to end: a real Ray cluster, two real vLLM CPU engines (bf16 and W8A8
+built on load into an empty cache), one OpenAI ingress, the real `openai` client."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from conftest import deploy_and_wait, undeploy
+
+pytestmark = pytest.mark.e2e
+
+APP = "main"
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def base_url(serve_url, session_cache):
+    deploy_and_wait(
+        {
+            "cache_dir": str(session_cache),
+            "models": [
+                {
+                    "name": "smollm2",
+                    "source": "default",
+                    "engine": {"max_model_len": 1024},
+                    "variants": [
+                        {"name": "baseline", "weight": 50},
+                        {"name": "int8", "weight": 50, "optimization": {"method": "w8a8"}},
+                    ],
+                }
+            ],
+        },
+        APP,
+    )
+    yield serve_url
+    undeploy(APP)
+
+
+@pytest.fixture
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_public_name_and_variants(client):
+    models = {m.id: m for m in client.models.list()}
+    assert {"smollm2", "smollm2--baseline", "smollm2--int8"} <= set(models)
+    variants = models["smollm2"].model_extra["metadata"]["variants"]
+    assert {(v["variant"], v["model_id"], v["traffic_share"]) for v in variants} == {
+        ("baseline", "smollm2--baseline", 0.5),
+        ("int8", "smollm2--int8", 0.5),
+    }
+
+
+def test_quantized_variant_was_built_on_load_and_the_engine_runs_it(base_url, session_cache):
+    cards = {c["id"]: c for c in httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]}
+    int8 = cards["smollm2--int8"]["metadata"]["engine"]
+    base = cards["smollm2--baseline"]["metadata"]["engine"]
+    # What the running vLLM engine reports, not what the config asked for:
+    assert int8["quantization"] == "compressed-tensors"
+    assert base["quantization"] is None
+    assert int8["device"] == "cpu" and int8["tensor_parallel_size"] == 1
+    # The engine loaded the artifact that the on-load hook built into the (empty) session cache.
+    checkpoint = Path(int8["checkpoint"])
+    assert checkpoint.parent == session_cache and (checkpoint / "slimserve-manifest.json").exists()
+    assert int8["optimization"]["cache_hit"] is False and int8["optimization"]["method"] == "w8a8"
+    assert base["checkpoint"] == base["optimization"]["base"]
+
+
+@pytest.mark.parametrize("variant", ["baseline", "int8"])
+def test_each_variant_answers_sensibly(client, variant):
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0,
+        extra_headers={"x-slimserve-variant": variant},
+    )
+    assert raw.headers["x-slimserve-variant"] == variant
+    answer = raw.parse()
+    assert answer.model == f"smollm2--{variant}"
+    assert "Paris" in answer.choices[0].message.content
+
+
+def test_chat_and_completion_round_trips(client):
+    chat = client.chat.completions.with_raw_response.create(model="smollm2", messages=QUESTION, max_tokens=8)
+    assert chat.headers["x-slimserve-variant"] in {"baseline", "int8"}
+    body = chat.parse()
+    assert body.choices[0].message.content and body.usage.completion_tokens > 0
+
+    comp = client.completions.with_raw_response.create(model="smollm2", prompt="The capital of France is", max_tokens=8)
+    assert comp.headers["x-slimserve-variant"] in {"baseline", "int8"}
+    assert comp.parse().choices[0].text
+
+
+def test_a_variant_id_can_be_asked_for_directly(client):
+    raw = client.completions.with_raw_response.create(model="smollm2--int8", prompt="Hello", max_tokens=4)
+    assert raw.headers["x-slimserve-variant"] == "int8"
+
+
+def test_streaming_chat_and_completion(client):
+    with client.chat.completions.with_streaming_response.create(
+        model="smollm2", messages=QUESTION, max_tokens=16, stream=True
+    ) as response:
+        assert response.headers["x-slimserve-variant"] in {"baseline", "int8"}
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = [c for c in response.parse()]
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+
+    stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=16, stream=True)
+    texts = [c.choices[0].text for c in stream if c.choices]
+    assert len(texts) > 2 and "".join(texts).strip()
+
+
+def test_sse_stream_ends_with_done(base_url):
+    body = {"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["x-slimserve-variant"]
+        events = [l for l in r.iter_lines() if l.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_traffic_is_split_between_variants(client):
+    seen = collections.Counter(
+        client.completions.with_raw_response.create(model="smollm2", prompt="Hi", max_tokens=1).headers[
+            "x-slimserve-variant"
+        ]
+        for _ in range(24)
+    )
+    # 50/50 split: P(one variant gets all 24) = 2 * 0.5**24.
+    assert set(seen) == {"baseline", "int8"}, seen
+
+
+def test_unknown_model_is_a_404_in_openai_shape(client, base_url):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-17", messages=QUESTION)
+    r = httpx.post(f"{base_url}/v1/completions", json={"model": "gpt-17", "prompt": "x"}, timeout=30)
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert "gpt-17" in error["message"] and error["code"] == 404 and error["type"]
+
+
+def test_unknown_forced_variant_is_a_400(base_url):
+    r = httpx.post(
+        f"{base_url}/v1/completions",
+        json={"model": "smollm2", "prompt": "x", "max_tokens": 1},
+        headers={"x-slimserve-variant": "fp4"},
+        timeout=30,
+    )
+    assert r.status_code == 400
+    assert "fp4" in r.json()["error"]["message"]
+
+
+def test_malformed_request_is_a_400_in_openai_shape(base_url):
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "smollm2", "messages": "nope"}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"]
