@@ -9,11 +9,13 @@ export SLIMSERVE_OPTIMIZER_PYTHON ?= $(CURDIR)/$(OPT)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 DEFAULT_MODEL := $(SLIMSERVE_HOME)/models/SmolLM2-135M-Instruct/config.json
+# Held-out text of the quality gate (Debian's fortunes-min: plain text, 98 kB).
+HELD_OUT := /usr/share/games/fortunes/fortunes
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast clean
 
-setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL)
+setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) $(HELD_OUT)
 
 $(VENV)/.done: pyproject.toml requirements/cpu.txt requirements/cpu-constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +35,12 @@ $(OPT)/.done: pyproject.toml requirements/optimizer.txt requirements/optimizer-c
 
 $(DEFAULT_MODEL): | $(VENV)/.done
 	$(VENV)/bin/python -m slimserve.optimizers.models
+
+$(HELD_OUT):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq fortunes-min >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq fortunes-min); \
+	else echo "the quality gate needs Debian's fortunes-min: sudo apt-get install fortunes-min"; exit 1; fi
 
 demo: setup
 	$(VENV)/bin/slimserve demo

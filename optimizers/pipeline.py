@@ -22,6 +22,7 @@ from typing import Any
 from .cache import ArtifactCache, sha256_file
 from .calibration import Calibration
 from .models import resolve_source
+from .quality import HeldOut, QualityGate, QualityGateFailed  # noqa: F401 (re-exported)
 from .registry import Optimization, parse
 
 log = logging.getLogger(__name__)
@@ -96,20 +97,26 @@ def base_digest(base: Path, memo_dir: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str]) -> str:
+def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held_out: HeldOut | None = None) -> str:
     # Calibration text is named in the spec by path; its content goes into the key too.
     calibration = {
         name: value.digest() for name, value in spec if isinstance(value, Calibration)
     }
     payload = json.dumps(
-        {"base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration, "versions": versions},
+        {
+            "base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration,
+            "versions": versions, "held_out": held_out.model_dump() if held_out else None,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _run_child(python: str, spec: Optimization, base: Path, out: Path) -> dict[str, Any]:
-    request = json.dumps({"spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out)})
+def _run_child(python: str, spec: Optimization, base: Path, out: Path, held_out: HeldOut | None) -> dict[str, Any]:
+    request = json.dumps({
+        "spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out),
+        "held_out": held_out.model_dump() if held_out else None,
+    })
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log.info("optimizing %s with %s in a child process (%s)", base.name, spec.method, python)
     # stderr is inherited so that progress bars and llm-compressor's log reach the replica's log.
@@ -128,21 +135,44 @@ def _run_child(python: str, spec: Optimization, base: Path, out: Path) -> dict[s
     return result
 
 
-def optimize(source: str, spec: Optimization | dict | str, cache_dir: str | os.PathLike) -> OptimizeResult:
-    """Return the checkpoint to serve for `source` optimized by `spec`, building it if needed."""
+def optimize(
+    source: str,
+    spec: Optimization | dict | str,
+    cache_dir: str | os.PathLike,
+    quality: QualityGate | dict | None = None,
+) -> OptimizeResult:
+    """Return the checkpoint to serve for `source` optimized by `spec`, building it if needed,
+    and apply the quality gate (which may raise QualityGateFailed or fall back to the base)."""
     t0 = time.monotonic()
     spec = parse(spec)
+    gate = QualityGate.model_validate(quality or {})
     base = resolve_source(source)
     if not spec.produces_artifact:
         return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, {"method": spec.method})
     python = optimizer_python() if spec.needs_optimizer_env else sys.executable
     versions = _library_versions(python, spec.libraries)
+    held_out = gate.held_out if gate.measure else None
     cache = ArtifactCache(cache_dir)
-    key = cache_key(base_digest(base, cache.root), spec, versions)
+    key = cache_key(base_digest(base, cache.root), spec, versions, held_out)
     info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions}
-    path, manifest, hit = cache.get_or_build(key, lambda tmp: _run_child(python, spec, base, tmp), info)
+    path, manifest, hit = cache.get_or_build(key, lambda tmp: _run_child(python, spec, base, tmp, held_out), info)
     seconds = time.monotonic() - t0
-    log.info(
-        "%s: %s in %.1f s -> %s", spec.method, "cache hit" if hit else "built", seconds, path
+    log.info("%s: %s in %.1f s -> %s", spec.method, "cache hit" if hit else "built", seconds, path)
+    result = OptimizeResult(path, base, spec.method, hit, seconds, manifest)
+    return _apply_gate(result, gate)
+
+
+def _apply_gate(result: OptimizeResult, gate: QualityGate) -> OptimizeResult:
+    q = result.manifest.get("report", {}).get("quality")
+    if gate.max_ppl_ratio is None or q is None or q["ppl_ratio"] <= gate.max_ppl_ratio:
+        return result
+    message = (
+        f"quality gate: {result.method} has perplexity {q['perplexity']:.2f} vs {q['base_perplexity']:.2f} "
+        f"for the base (ratio {q['ppl_ratio']:.3f} > max_ppl_ratio {gate.max_ppl_ratio})"
     )
-    return OptimizeResult(path, base, spec.method, hit, seconds, manifest)
+    if gate.on_quality_fail == "fail":
+        raise QualityGateFailed(message + "; raise max_ppl_ratio, change the method, or set on_quality_fail: serve_base")
+    log.warning("%s: serving the base model instead", message)
+    result.manifest = {**result.manifest, "quality_gate": "failed: serving base"}
+    result.path = result.base
+    return result

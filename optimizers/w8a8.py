@@ -25,14 +25,9 @@ class W8A8(Optimization):
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        from llmcompressor import oneshot
         from llmcompressor.modifiers.quantization import QuantizationModifier
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        recipe = QuantizationModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore))
-        oneshot(model=model, recipe=recipe)
-        model.save_pretrained(out, save_compressed=True)
-        tokenizer.save_pretrained(out)
+        from .quantize import oneshot_and_save
+
+        oneshot_and_save(base, out, QuantizationModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore)))
         return {"scheme": "W8A8"}

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .pipeline import RESULT_PREFIX
+from .quality import HeldOut, perplexity
 from .registry import parse
 
 
@@ -20,9 +21,25 @@ def main(argv: list[str]) -> int:
     request = json.loads(argv[0])
     spec = parse(request["spec"])
     t0 = time.monotonic()
-    report = spec.run(Path(request["base"]), Path(request["out"]))
+    log = logging.getLogger("slimserve")
+    base, out = Path(request["base"]), Path(request["out"])
+    log.info("step: optimize (%s)", spec.method)
+    report = spec.run(base, out)
     report["optimize_seconds"] = round(time.monotonic() - t0, 3)
-    logging.getLogger("slimserve").info("%s finished in %.1f s", spec.method, report["optimize_seconds"])
+    log.info("%s finished in %.1f s", spec.method, report["optimize_seconds"])
+    if request.get("held_out"):
+        t1 = time.monotonic()
+        log.info("step: quality (perplexity of base and variant on held-out text)")
+        held_out = HeldOut.model_validate(request["held_out"])
+        base_ppl, ppl = perplexity(base, held_out), perplexity(out, held_out)
+        report["quality"] = {
+            "held_out": held_out.model_dump(),
+            "base_perplexity": round(base_ppl, 4),
+            "perplexity": round(ppl, 4),
+            "ppl_ratio": round(ppl / base_ppl, 4),
+            "seconds": round(time.monotonic() - t1, 3),
+        }
+        log.info("quality: perplexity %.2f vs base %.2f (ratio %.3f)", ppl, base_ppl, ppl / base_ppl)
     sys.stdout.write(RESULT_PREFIX + json.dumps(report) + "\n")
     return 0
 

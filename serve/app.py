@@ -103,6 +103,7 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
                 "variant": variant.name,
                 "source": source,
                 "optimization": variant.optimization.model_dump(mode="json"),
+                "quality": variant.quality.model_dump(mode="json"),
                 "cache_dir": cfg.cache_dir,
             },
         },

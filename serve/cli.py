@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from slimserve.optimizers.quality import QualityGateFailed
+
 from .config import ConfigError, load_config
 
 
@@ -63,15 +65,21 @@ def _optimize(args) -> int:
         for v in m.variants:
             if args.variant and v.name != args.variant:
                 continue
-            r = optimize(m.source, v.optimization, cfg.cache_dir)
+            r = optimize(m.source, v.optimization, cfg.cache_dir, v.quality)
             base_size, size = size_on_disk(r.base), size_on_disk(r.path)
             status = "base" if r.cache_hit is None else ("hit" if r.cache_hit else "built")
-            rows.append((f"{m.name}/{v.name}", r.method, status, f"{r.seconds:.1f}",
-                         f"{size / 1e6:.1f}", f"{size / base_size:.2f}x", str(r.path)))
+            report = r.manifest.get("report", {})
+            q = report.get("quality", {})
+            fmt = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
+            rows.append((
+                f"{m.name}/{v.name}", r.method, status,
+                fmt(report.get("optimize_seconds", r.seconds)), f"{size / 1e6:.1f}", f"{size / base_size:.2f}x",
+                fmt(q.get("base_perplexity")), fmt(q.get("perplexity")), fmt(q.get("ppl_ratio")), str(r.path),
+            ))
     if not rows:
         print("no variant matched", file=sys.stderr)
         return 1
-    header = ("variant", "method", "cache", "seconds", "MB", "vs base", "checkpoint")
+    header = ("variant", "method", "cache", "seconds", "MB", "size", "ppl_base", "ppl", "ppl_ratio", "checkpoint")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in (header, *rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
@@ -113,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
+    except QualityGateFailed as e:
+        print(e, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimserve.optimizers.models import DEFAULT_MODEL, slimserve_home
+from slimserve.optimizers.quality import QualityGate
 from slimserve.optimizers.registry import Optimization, parse
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -84,6 +85,10 @@ class Variant(_Strict):
     optimization: OptimizationField = Field(
         default_factory=lambda: parse("none"),
         description="What to do to the base model at load: a method name or {method: ..., params}.",
+    )
+    quality: QualityGate = Field(
+        default_factory=QualityGate,
+        description="Perplexity check after optimizing, and what to do when the variant loses too much.",
     )
     engine: dict[str, Any] = Field(default_factory=dict, description="Overrides of the model's engine settings for this variant.")
 

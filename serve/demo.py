@@ -31,7 +31,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, question: str = QUESTION
     say(f"[1/4] default model: {ensure_default_model()}")
     say("[2/4] optimizing variants (reused from the artifact cache when already built)")
     for v in model.variants:
-        r = optimize(model.source, v.optimization, cfg.cache_dir)
+        r = optimize(model.source, v.optimization, cfg.cache_dir, v.quality)
         what = "base model as is" if r.cache_hit is None else ("cache hit" if r.cache_hit else "built")
         say(f"      {v.name:<10} {r.method:<6} {what:<17} {r.seconds:6.1f}s  {r.path}")
     with local_cluster(cfg, host=host, port=port, quiet=not verbose):

@@ -28,7 +28,7 @@ class OptimizeOnLoad(CallbackBase):
         kw = self.kwargs
         log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
         # The build can take minutes: keep it off the replica's event loop.
-        result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"])
+        result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"], kw.get("quality"))
         _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), kw)
         self.llm_config.get_engine_config().hf_model_id = str(result.path)
         # The checkpoint is local: skip Ray Serve LLM's download step.
@@ -41,6 +41,7 @@ class OptimizeOnLoad(CallbackBase):
             "prepare_seconds": round(result.seconds, 3),
             "build_seconds": result.manifest.get("build_seconds"),
             "report": result.manifest.get("report", {}),
+            "quality_gate": result.manifest.get("quality_gate", "passed"),
         }
         self.ctx.custom_data["slimserve"] = self.result
         log.info("%s/%s: engine will load %s", kw["model"], kw["variant"], result.path)

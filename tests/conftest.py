@@ -52,13 +52,13 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("artifacts")
 
 
-def deploy_and_wait(config: dict, name: str, timeout_s: float = 900) -> None:
+def deploy_and_wait(config: dict, name: str, timeout_s: float = 900, route_prefix: str = "/") -> None:
     from ray import serve
 
     from slimserve.serve.app import build_app
 
     serve.run_many(
-        [serve.RunTarget(build_app(config), name=name, route_prefix="/")],
+        [serve.RunTarget(build_app(config), name=name, route_prefix=route_prefix)],
         wait_for_ingress_deployment_creation=False,
         wait_for_applications_running=False,
     )

@@ -57,7 +57,9 @@ def test_optimize_cli_prints_a_table(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     header, row = r.stdout.strip().splitlines()
-    assert header.split()[:6] == ["variant", "method", "cache", "seconds", "MB", "vs"]
+    assert header.split() == ["variant", "method", "cache", "seconds", "MB", "size", "ppl_base", "ppl", "ppl_ratio", "checkpoint"]
     cols = row.split()
     assert cols[:3] == ["smollm2/int8", "w8a8", "built"]
     assert 0.4 < float(cols[5].rstrip("x")) < 0.75  # int8 linears, bf16 embeddings
+    base_ppl, ppl, ratio = map(float, cols[6:9])
+    assert 5 < base_ppl < 200 and abs(ratio - ppl / base_ppl) < 0.01

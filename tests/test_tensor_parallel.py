@@ -81,5 +81,6 @@ def test_tp_that_does_not_divide_the_heads_fails_with_a_clear_message(serve_url,
             },
             "badtp",
             timeout_s=300,
+            route_prefix="/badtp",
         )
     undeploy("badtp")

@@ -1,0 +1,28 @@
+"""`fp8`: FP8 (e4m3) weights per channel and dynamic per-token FP8 activations, no calibration.
+vLLM runs it on Hopper/Ada GPUs; vLLM CPU cannot (see docs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .registry import Optimization, register
+
+
+@register
+class FP8(Optimization):
+    """FP8_DYNAMIC scheme of compressed-tensors."""
+
+    method: Literal["fp8"] = "fp8"
+    ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
+    libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+
+    def run(self, base: Path, out: Path) -> dict[str, Any]:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        from .quantize import oneshot_and_save
+
+        oneshot_and_save(base, out, QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=list(self.ignore)))
+        return {"scheme": "FP8_DYNAMIC"}

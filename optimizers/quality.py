@@ -1,0 +1,83 @@
+"""Quality of an optimized checkpoint: perplexity on held-out text, against its base.
+
+The default held-out text is Debian's `fortunes-min` (quotations and riddles, installed by
+`make`); it is not used for calibration (that is `pydoc`), so the score is not flattered."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+FORTUNES = [Path("/usr/share/games/fortunes") / n for n in ("fortunes", "literature", "riddles")]
+
+
+class HeldOut(BaseModel):
+    """Text the quality gate measures perplexity on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = Field("fortunes", description="`fortunes` (Debian fortunes-min) or the path of a local UTF-8 text file.")
+    windows: int = Field(16, ge=1, description="Number of token windows scored.")
+    seq_len: int = Field(256, ge=16, description="Tokens per window.")
+
+    def load_text(self) -> str:
+        if self.text == "fortunes":
+            missing = [p for p in FORTUNES if not p.exists()]
+            if missing:
+                raise FileNotFoundError(
+                    f"held-out text {missing[0]} is missing: install Debian's fortunes-min "
+                    "(`make` does), or set quality.held_out.text to a local text file"
+                )
+            return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in FORTUNES)
+        return Path(self.text).expanduser().read_text(encoding="utf-8", errors="replace")
+
+
+def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
+    """exp(mean next-token loss) over `windows` windows of `seq_len` tokens, in fp32 on CPU
+    (or the first GPU when there is one)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    text = held_out.load_text()[: held_out.windows * held_out.seq_len * 8]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = min(held_out.windows, len(ids) // held_out.seq_len)
+    if n == 0:
+        raise ValueError(f"held-out text is shorter than one window of {held_out.seq_len} tokens")
+    t0 = time.monotonic()
+    total = 0.0
+    with torch.no_grad():
+        for w in tqdm(ids[: n * held_out.seq_len].view(n, -1), desc=f"perplexity {checkpoint.name[:16]}", unit="window"):
+            w = w.unsqueeze(0).to(device)
+            total += model(w, labels=w).loss.item()
+    ppl = math.exp(total / n)
+    log.info("perplexity of %s: %.3f (%d x %d tokens, %.1f s)", checkpoint, ppl, n, held_out.seq_len, time.monotonic() - t0)
+    return ppl
+
+
+class QualityGate(BaseModel):
+    """What a variant must keep of its base model's quality."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    measure: bool = Field(True, description="Measure perplexity of base and variant after building (stored in the manifest).")
+    max_ppl_ratio: float | None = Field(None, gt=0, description="Largest allowed perplexity(variant) / perplexity(base); None: no limit.")
+    on_quality_fail: Literal["fail", "serve_base"] = Field(
+        "fail", description="Over the limit: fail startup with a clear message, or serve the base model instead."
+    )
+    held_out: HeldOut = Field(default_factory=HeldOut)
+
+
+class QualityGateFailed(RuntimeError):
+    pass

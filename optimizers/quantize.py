@@ -1,0 +1,67 @@
+"""Shared pieces of the llm-compressor methods: group-size choice, the quantization scheme,
+and the oneshot-and-save step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def linear_in_features(base: Path) -> set[int]:
+    """Input widths of the checkpoint's Linear layers (lm_head aside), read from a weightless copy."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    return {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")}
+
+
+def pick_group_size(in_features: set[int], wanted: int) -> int:
+    """`wanted` if it divides every Linear's input width, else the largest power of two below it
+    that does (SmolLM2's 576 takes 64, not 128)."""
+    g = wanted
+    while g > 1 and any(f % g for f in in_features):
+        g //= 2
+    if g < 16:
+        raise ValueError(f"no group size >= 16 divides the Linear input widths {sorted(in_features)}")
+    return g
+
+
+def weight_scheme(bits: int, group_size: int | None, symmetric: bool, actorder: str | None = None):
+    """A weight-only int scheme (activations stay 16-bit): grouped when group_size is set,
+    per output channel otherwise."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = dict(num_bits=bits, type="int", symmetric=symmetric)
+    if group_size:
+        args.update(strategy="group", group_size=group_size)
+    else:
+        args.update(strategy="channel")
+    if actorder:
+        args["actorder"] = actorder
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+
+
+def oneshot_and_save(base: Path, out: Path, recipe, calibration=None) -> None:
+    """Run llm-compressor's oneshot (data-free, or on calibration windows) and save a
+    compressed-tensors checkpoint with its tokenizer."""
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    kwargs: dict[str, Any] = {}
+    if calibration is not None:
+        from datasets import Dataset
+
+        windows = calibration.windows(tokenizer)
+        kwargs = dict(
+            dataset=Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": [[1] * windows.shape[1]] * len(windows)}),
+            num_calibration_samples=len(windows),
+            max_seq_length=windows.shape[1],
+        )
+    # Loaded from its path: llm-compressor looks for the tokenizer beside the model.
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
