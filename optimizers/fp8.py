@@ -19,6 +19,10 @@ class FP8(Optimization):
     ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
+    @property
+    def runs_on_vllm_cpu(self) -> bool:
+        return False  # no FP8 kernels in vLLM's CPU build
+
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 

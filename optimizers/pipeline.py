@@ -147,6 +147,12 @@ def optimize(
     spec = parse(spec)
     gate = QualityGate.model_validate(quality or {})
     base = resolve_source(source)
+    quantized = json.loads((base / "config.json").read_text()).get("quantization_config")
+    if quantized and spec.produces_artifact:
+        raise ValueError(
+            f"{source} is already quantized (quant_method {quantized.get('quant_method')!r}): "
+            f"serve it as it is with `optimization: none` instead of {spec.method!r}"
+        )
     if not spec.produces_artifact:
         return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, {"method": spec.method})
     python = optimizer_python() if spec.needs_optimizer_env else sys.executable

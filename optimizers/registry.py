@@ -34,6 +34,11 @@ class Optimization(BaseModel):
     needs_optimizer_env: ClassVar[bool] = True
 
     @property
+    def runs_on_vllm_cpu(self) -> bool:
+        """Whether vLLM's CPU build has kernels for the checkpoint this method writes."""
+        return True
+
+    @property
     def produces_artifact(self) -> bool:
         """False for methods that serve the base checkpoint unchanged."""
         return True

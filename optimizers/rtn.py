@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .registry import Optimization, register
 
@@ -16,18 +16,31 @@ class RTN(Optimization):
 
     method: Literal["rtn"] = "rtn"
     bits: Literal[4, 8] = Field(8, description="Weight bits.")
-    group_size: int | None = Field(None, ge=16, description="Columns sharing a scale; None: one scale per output channel (int4 defaults to 128).")
+    group_size: int | None = Field(
+        None, ge=16, description="Columns sharing a scale (lowered when it does not divide the model's widths); None: one scale per output channel. Left out: 128 for int4, per channel for int8."
+    )
     symmetric: bool = Field(True, description="Symmetric (no zero point) weights.")
     ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int4_groups_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("bits") == 4 and "group_size" not in data:
+            data = {**data, "group_size": 128}
+        return data
+
+    @property
+    def runs_on_vllm_cpu(self) -> bool:
+        # vLLM CPU's WNA16 kernels take grouped 4-bit weights only
+        return self.bits == 4 and self.group_size is not None
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         from .quantize import linear_in_features, oneshot_and_save, pick_group_size, weight_scheme
 
-        wanted = self.group_size or (128 if self.bits == 4 else None)
-        group = pick_group_size(linear_in_features(base), wanted) if wanted else None
+        group = pick_group_size(linear_in_features(base), self.group_size) if self.group_size else None
         recipe = QuantizationModifier(
             config_groups={"group_0": weight_scheme(self.bits, group, self.symmetric)}, ignore=list(self.ignore)
         )

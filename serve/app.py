@@ -105,6 +105,7 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
                 "optimization": variant.optimization.model_dump(mode="json"),
                 "quality": variant.quality.model_dump(mode="json"),
                 "cache_dir": cfg.cache_dir,
+                "accelerator": accel,
             },
         },
     )

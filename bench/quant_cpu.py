@@ -1,0 +1,92 @@
+"""Quantization methods on SmolLM2 with vLLM CPU: optimization time, checkpoint size,
+perplexity ratio, and generation throughput at batch 1 and 8 against bf16 in the same run.
+
+    .venv/bin/python bench/quant_cpu.py [--cache DIR] [--out docs/results/quant_cpu.json]
+
+Measure on a quiet machine: each engine runs alone, bound to core 0 (a vLLM CPU engine that
+shares its core with another busy process slows 20-30x)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from slimserve.optimizers.models import slimserve_home
+from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.report import size_on_disk
+
+VARIANTS = {
+    "bf16": "none",
+    "w8a8": {"method": "w8a8"},
+    "gptq-w4-g64": {"method": "gptq"},
+    "rtn-w4-g64": {"method": "rtn", "bits": 4},
+    "structured-h67-m50": {"method": "structured", "heads_keep": 0.67, "mlp_keep": 0.5},
+}
+
+THROUGHPUT = textwrap.dedent("""
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    llm = LLM(sys.argv[1], enforce_eager=True, max_model_len=1024, seed=0)
+    prompts = [f"Write a short story about a lighthouse keeper number {i}." for i in range(8)]
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=8))  # warm-up
+    out = {}
+    for batch in (1, 8):
+        t0 = time.perf_counter()
+        res = llm.generate(prompts[:batch], params)
+        secs = time.perf_counter() - t0
+        out[f"batch{batch}_tok_s"] = round(sum(len(r.outputs[0].token_ids) for r in res) / secs, 1)
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def throughput(checkpoint: Path) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", THROUGHPUT, str(checkpoint)], capture_output=True, text=True, env=env)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not line:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(line[0][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=str(slimserve_home() / "artifacts"))
+    ap.add_argument("--out", default="docs/results/quant_cpu.json")
+    args = ap.parse_args()
+    rows = {}
+    # Build everything first, so that no optimization runs while an engine is timed.
+    built = {name: optimize("default", spec, args.cache) for name, spec in VARIANTS.items()}
+    base_size = size_on_disk(built["bf16"].base)
+    for name, r in built.items():
+        report = r.manifest.get("report", {})
+        rows[name] = {
+            "method": r.method,
+            "optimize_seconds": report.get("optimize_seconds"),
+            "size_mb": round(size_on_disk(r.path) / 1e6, 1),
+            "size_vs_bf16": round(size_on_disk(r.path) / base_size, 3),
+            "ppl": report.get("quality", {}).get("perplexity"),
+            "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
+            **throughput(r.path),
+        }
+        print(name, rows[name], flush=True)
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores (engine bound to core 0)",
+        "command": "bench/quant_cpu.py",
+        "held_out": "fortunes (Debian fortunes-min), 16 x 256 tokens",
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
