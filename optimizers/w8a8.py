@@ -1,6 +1,7 @@
 """`w8a8`: int8 weights (per-channel) and dynamic per-token int8 activations, via llm-compressor.
 
-No calibration data is needed unless SmoothQuant is switched on. vLLM runs the resulting
+No calibration data is needed unless SmoothQuant (Xiao et al., 2022) is switched on: it moves
+activation outliers into the weights before quantizing, measured on calibration text. vLLM runs the resulting
 compressed-tensors checkpoint with int8 GEMMs on GPU and on CPU.
 """
 
@@ -11,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from .calibration import Calibration
 from .registry import Optimization, register
 
 
@@ -22,6 +24,10 @@ class W8A8(Optimization):
     ignore: tuple[str, ...] = Field(
         ("lm_head",), description="Module names (or `re:` patterns) left unquantized."
     )
+    smoothquant: float | None = Field(
+        None, gt=0, le=1, description="SmoothQuant migration strength (e.g. 0.8); None: off, no calibration."
+    )
+    calibration: Calibration = Field(default_factory=Calibration)
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
@@ -29,5 +35,12 @@ class W8A8(Optimization):
 
         from .quantize import oneshot_and_save
 
-        oneshot_and_save(base, out, QuantizationModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore)))
-        return {"scheme": "W8A8"}
+        recipe = [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=list(self.ignore))]
+        if self.smoothquant is None:
+            oneshot_and_save(base, out, recipe)
+        else:
+            from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+            recipe.insert(0, SmoothQuantModifier(smoothing_strength=self.smoothquant))
+            oneshot_and_save(base, out, recipe, self.calibration)
+        return {"scheme": "W8A8", "smoothquant": self.smoothquant}

@@ -20,12 +20,13 @@ SMALL_CALIBRATION = {"samples": 32, "seq_len": 256}
 # the same domain as the calibration text (the start of the same docs) but text it never saw.
 # Out of domain (the default held-out text, fortunes) GPTQ loses to RTN on SmolLM2: see
 # docs/OPTIMIZATIONS.md, "GPTQ vs RTN".
-BOUNDS = {"rtn8": 1.02, "rtn4": 1.60, "gptq": 1.40, "fp8": 1.06}
+BOUNDS = {"rtn8": 1.02, "rtn4": 1.60, "gptq": 1.40, "fp8": 1.06, "w8a8sq": 1.10}
 SPECS = {
     "gptq": {"method": "gptq", "calibration": SMALL_CALIBRATION},
     "rtn8": {"method": "rtn", "bits": 8},
     "rtn4": {"method": "rtn", "bits": 4},
     "fp8": {"method": "fp8"},
+    "w8a8sq": {"method": "w8a8", "smoothquant": 0.8, "calibration": SMALL_CALIBRATION},
 }
 
 
@@ -64,8 +65,8 @@ def result_of(proc) -> dict:
     return json.loads(line[7:])
 
 
-@pytest.mark.parametrize("name", ["gptq", "rtn4"])
-def test_4bit_weight_only_checkpoints_run_in_vllm_cpu(built, name):
+@pytest.mark.parametrize("name", ["gptq", "rtn4", "w8a8sq"])
+def test_checkpoints_run_in_vllm_cpu(built, name):
     proc = vllm_generate(built[name].path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = result_of(proc)
