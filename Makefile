@@ -15,7 +15,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast clean
 
-setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) $(HELD_OUT)
+setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) held-out
+
+# Not a file target: without root it only prints a hint, and must not fail the set-up.
+.PHONY: held-out
+held-out:
+	@test -e $(HELD_OUT) || $(MAKE) --no-print-directory $(HELD_OUT)
 
 $(VENV)/.done: pyproject.toml requirements/cpu.txt requirements/cpu-constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +45,7 @@ $(HELD_OUT):
 	@if [ "$$(id -u)" = 0 ]; then \
 	  apt-get install -y -qq fortunes-min >/dev/null 2>&1 || \
 	  (apt-get update -qq && apt-get install -y -qq fortunes-min); \
-	else echo "the quality gate needs Debian's fortunes-min: sudo apt-get install fortunes-min"; exit 1; fi
+	else echo "note: perplexity is not measured without Debian's fortunes-min (sudo apt-get install fortunes-min)"; fi
 
 demo: setup
 	$(VENV)/bin/slimserve demo

@@ -28,6 +28,9 @@ class HeldOut(BaseModel):
     windows: int = Field(16, ge=1, description="Number of token windows scored.")
     seq_len: int = Field(256, ge=16, description="Tokens per window.")
 
+    def available(self) -> bool:
+        return all(p.exists() for p in FORTUNES) if self.text == "fortunes" else Path(self.text).expanduser().exists()
+
     def load_text(self) -> str:
         if self.text == "fortunes":
             missing = [p for p in FORTUNES if not p.exists()]

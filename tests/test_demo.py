@@ -32,19 +32,20 @@ def leftover_processes() -> list[str]:
     return found
 
 
-def wait_for_no_leftovers(timeout_s: float = 30) -> list[str]:
+def wait_for_no_leftovers(before: list[str], timeout_s: float = 30) -> list[str]:
+    """Ray/vLLM processes that the demo started and left running (pre-existing ones aside)."""
     deadline = time.monotonic() + timeout_s
-    while (left := leftover_processes()) and time.monotonic() < deadline:
+    while (left := [p for p in leftover_processes() if p not in before]) and time.monotonic() < deadline:
         time.sleep(1)
     return left
 
 
-@pytest.fixture(autouse=True)
-def no_cluster_running():
-    assert not leftover_processes(), "a Ray cluster is already running; the demo test must run first"
+@pytest.fixture
+def before():
+    return leftover_processes()
 
 
-def test_demo_answers_names_the_variant_and_cleans_up():
+def test_demo_answers_names_the_variant_and_cleans_up(before):
     r = subprocess.run(
         [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
         capture_output=True, text=True, timeout=900,
@@ -59,10 +60,10 @@ def test_demo_answers_names_the_variant_and_cleans_up():
     assert 0 < int(ttft.group(1)) < 30_000
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "ready in"):
         assert step in r.stderr
-    assert wait_for_no_leftovers() == []
+    assert wait_for_no_leftovers(before) == []
 
 
-def test_demo_interrupted_while_engines_start_leaves_nothing_behind():
+def test_demo_interrupted_while_engines_start_leaves_nothing_behind(before):
     proc = subprocess.Popen(
         [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -78,4 +79,4 @@ def test_demo_interrupted_while_engines_start_leaves_nothing_behind():
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode in (0, 130, -signal.SIGINT)
-    assert wait_for_no_leftovers() == []
+    assert wait_for_no_leftovers(before) == []

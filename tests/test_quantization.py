@@ -4,6 +4,8 @@ its size, and its perplexity against the base (bounds documented in docs/OPTIMIZ
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -57,7 +59,15 @@ def vllm_generate(checkpoint: Path) -> subprocess.CompletedProcess:
         print("RESULT " + json.dumps({{"text": out[0].outputs[0].text,
               "quantization": llm.llm_engine.vllm_config.model_config.quantization}}))
     """)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # Own process group: on a timeout the engine's child processes are killed too, not orphaned.
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def result_of(proc) -> dict:

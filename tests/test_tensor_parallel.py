@@ -71,16 +71,3 @@ def test_tp2_variant_starts_and_answers(base_url):
         first = model(ids).logits[0, -1].argmax().item()
     assert comp.choices[0].text.startswith(tok.decode([first]))
 
-
-def test_tp_that_does_not_divide_the_heads_fails_with_a_clear_message(serve_url, session_cache):
-    with pytest.raises(RuntimeError, match="tensor_parallel_size 2 does not divide the 9 attention heads"):
-        deploy_and_wait(
-            {
-                "cache_dir": str(session_cache),
-                "models": [{"name": "bad", "variants": [{"name": "tp2", "engine": {"tensor_parallel_size": 2}}]}],
-            },
-            "badtp",
-            timeout_s=300,
-            route_prefix="/badtp",
-        )
-    undeploy("badtp")
