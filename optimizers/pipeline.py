@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import ArtifactCache, sha256_file
-from .calibration import Calibration
+from .calibration import Calibration, load_text
 from .models import resolve_source
 from .quality import HeldOut, QualityGate, QualityGateFailed  # noqa: F401 (re-exported)
 from .registry import Optimization, parse
@@ -160,7 +160,7 @@ def optimize(
     held_out = gate.held_out if gate.measure else None
     if held_out is not None and held_out.text == "fortunes" and not held_out.available():
         if gate.max_ppl_ratio is not None:
-            held_out.load_text()  # raises, saying what to install
+            load_text(held_out.text)  # raises, saying what to install
         log.warning("quality not measured: Debian's fortunes-min is not installed (apt-get install fortunes-min)")
         held_out = None
     cache = ArtifactCache(cache_dir)

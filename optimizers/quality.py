@@ -9,15 +9,13 @@ import logging
 import math
 import time
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .calibration import text_available, token_windows
+
 log = logging.getLogger(__name__)
-
-FORTUNES = [Path("/usr/share/games/fortunes") / n for n in ("fortunes", "literature", "riddles")]
-
 
 class HeldOut(BaseModel):
     """Text the quality gate measures perplexity on."""
@@ -29,18 +27,7 @@ class HeldOut(BaseModel):
     seq_len: int = Field(256, ge=16, description="Tokens per window.")
 
     def available(self) -> bool:
-        return all(p.exists() for p in FORTUNES) if self.text == "fortunes" else Path(self.text).expanduser().exists()
-
-    def load_text(self) -> str:
-        if self.text == "fortunes":
-            missing = [p for p in FORTUNES if not p.exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"held-out text {missing[0]} is missing: install Debian's fortunes-min "
-                    "(`make` does), or set quality.held_out.text to a local text file"
-                )
-            return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in FORTUNES)
-        return Path(self.text).expanduser().read_text(encoding="utf-8", errors="replace")
+        return text_available(self.text)
 
 
 def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
@@ -53,15 +40,12 @@ def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-    text = held_out.load_text()[: held_out.windows * held_out.seq_len * 8]
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = min(held_out.windows, len(ids) // held_out.seq_len)
-    if n == 0:
-        raise ValueError(f"held-out text is shorter than one window of {held_out.seq_len} tokens")
+    windows = token_windows(held_out.text, tokenizer, held_out.windows, held_out.seq_len)
+    n = len(windows)
     t0 = time.monotonic()
     total = 0.0
     with torch.no_grad():
-        for w in tqdm(ids[: n * held_out.seq_len].view(n, -1), desc=f"perplexity {checkpoint.name[:16]}", unit="window"):
+        for w in tqdm(windows, desc=f"perplexity {checkpoint.name[:16]}", unit="window"):
             w = w.unsqueeze(0).to(device)
             total += model(w, labels=w).loss.item()
     ppl = math.exp(total / n)
