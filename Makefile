@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast clean
 
-setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) held-out
+setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) held-out prometheus
 
 # Not a file target: without root it only prints a hint, and must not fail the set-up.
 .PHONY: held-out
@@ -40,6 +40,18 @@ $(OPT)/.done: pyproject.toml requirements/optimizer.txt requirements/optimizer-c
 
 $(DEFAULT_MODEL): | $(VENV)/.done
 	$(VENV)/bin/python -m slimserve.optimizers.models
+
+# Debian's prometheus (with promtool): the metrics test scrapes a real server, the chart's
+# alert rules are checked with promtool. Not a file target either (same reason as held-out).
+.PHONY: prometheus
+prometheus:
+	@command -v promtool >/dev/null || $(MAKE) --no-print-directory /usr/bin/promtool
+
+/usr/bin/promtool:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq prometheus); \
+	else echo "note: metrics and alert-rule tests are skipped without Debian's prometheus (sudo apt-get install prometheus)"; fi
 
 $(HELD_OUT):
 	@if [ "$$(id -u)" = 0 ]; then \
