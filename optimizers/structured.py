@@ -5,6 +5,12 @@ valid) and MLP channels, the same number in every layer, ranked by their activat
 calibration text as in Minitron (Muralidharan et al., 2024): a head's importance is the mean
 L2 norm of its slice of the attention output, a channel's the mean |activation| entering
 down_proj. The result is a plain Llama-family checkpoint with a smaller config.
+
+Depth pruning (`layers_keep`) drops whole decoder layers, those that change their input least
+on calibration text (block influence, 1 - cos(input, output); Men et al., 2024, ShortGPT).
+
+`heal` then distills the unpruned model into the pruned one for a few steps (optimizers/distill.py)
+and reports held-out perplexity before and after healing.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .calibration import Calibration
+from .distill import DistillArgs
+from .quality import HeldOut
 from .registry import Optimization, register
 
 
@@ -26,8 +34,14 @@ class StructuredPrune(Optimization):
     heads_keep: float = Field(1.0, gt=0, le=1, description="Fraction of KV groups (with their query heads) kept.")
     mlp_keep: float = Field(1.0, gt=0, le=1, description="Fraction of MLP channels kept.")
     mlp_multiple: int = Field(32, ge=1, description="Round the kept MLP width to a multiple of this.")
+    layers_keep: float = Field(1.0, gt=0, le=1, description="Fraction of decoder layers kept (the least influential are dropped).")
     calibration: Calibration = Field(default_factory=Calibration)
-    libraries = ("torch", "transformers")
+    heal: DistillArgs | None = Field(None, description="Distill from the unpruned model after pruning (None: no healing).")
+    heal_eval: HeldOut = Field(
+        HeldOut(text="fortunes", windows=8, seq_len=256),
+        description="Held-out text on which perplexity before and after healing is reported.",
+    )
+    libraries = ("torch", "transformers", "accelerate")
     needs_optimizer_env = False  # torch + transformers only: runs in the serving environment
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
@@ -46,6 +60,9 @@ class StructuredPrune(Optimization):
         inter_keep = min(inter, max(self.mlp_multiple, round(inter * self.mlp_keep / self.mlp_multiple) * self.mlp_multiple))
 
         layers = model.model.layers
+        n_layers = len(layers)
+        layers_kept = max(1, round(n_layers * self.layers_keep))
+        influence = torch.zeros(n_layers)
         head_score = torch.zeros(len(layers), n_heads)
         chan_score = torch.zeros(len(layers), inter)
         hooks = []
@@ -58,7 +75,13 @@ class StructuredPrune(Optimization):
                 chan_score[i] += args[0].detach().float().abs().mean(dim=(0, 1))
 
             hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(attn_hook))
+            def layer_hook(mod, args, output, i=i):
+                h_in = args[0].detach().float()
+                h_out = (output[0] if isinstance(output, tuple) else output).detach().float()
+                influence[i] += 1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).mean()
+
             hooks.append(layer.mlp.down_proj.register_forward_pre_hook(mlp_hook))
+            hooks.append(layer.register_forward_hook(layer_hook))
         windows = self.calibration.windows(tokenizer)
         from tqdm import tqdm
 
@@ -69,6 +92,7 @@ class StructuredPrune(Optimization):
             h.remove()
 
         state = model.state_dict()
+        keep_layers = influence.topk(layers_kept).indices.sort().values.tolist()
         kept_groups, kept_channels = [], []
         for i in range(len(layers)):
             groups = head_score[i].view(n_kv, group).sum(-1).topk(kv_keep).indices.sort().values
@@ -87,25 +111,66 @@ class StructuredPrune(Optimization):
             for name in ("mlp.gate_proj", "mlp.up_proj"):
                 state[p + name + ".weight"] = state[p + name + ".weight"][chans]
             state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, chans]
+        state = _renumber_layers(state, keep_layers)
 
+        extra = {"num_hidden_layers": layers_kept}
+        if getattr(cfg, "layer_types", None):
+            extra["layer_types"] = [cfg.layer_types[i] for i in keep_layers]
         new_cfg = cfg.__class__.from_dict(
             {**cfg.to_dict(), "num_attention_heads": kv_keep * group, "num_key_value_heads": kv_keep,
-             "head_dim": head_dim, "intermediate_size": inter_keep}
+             "head_dim": head_dim, "intermediate_size": inter_keep, **extra}
         )
         pruned = AutoModelForCausalLM.from_config(new_cfg, dtype=torch.float32)
         pruned.load_state_dict(state, strict=True)
-        pruned.to(_saved_dtype(base))  # importance was measured in fp32; save as the base was
         pruned.generation_config = model.generation_config
+        healing = self._heal(model, pruned, tokenizer, out) if self.heal else None
+        pruned.to(_saved_dtype(base))  # importance was measured in fp32; save as the base was
         pruned.save_pretrained(out)
         tokenizer.save_pretrained(out)
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         return {
+            "layers": [n_layers, layers_kept],
+            "dropped_layers": sorted(set(range(n_layers)) - set(keep_layers)),
+            "healing": healing,
             "heads": [n_heads, kv_keep * group],
             "kv_heads": [n_kv, kv_keep],
             "intermediate_size": [inter, inter_keep],
             "parameters": [params(model), params(pruned)],
             "kept_kv_groups_layer0": kept_groups[0],
         }
+
+    def _heal(self, teacher, student, tokenizer, out: Path) -> dict[str, Any]:
+        import shutil
+
+        from .distill import distill, model_perplexity
+
+        measure = self.heal_eval.available()
+        before = model_perplexity(student, tokenizer, self.heal_eval) if measure else None
+        work = out.parent / (out.name + ".heal-work")
+        try:
+            train = distill(teacher, student, tokenizer, self.heal, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # checkpoints never go into the artifact
+        student.cpu()
+        after = model_perplexity(student, tokenizer, self.heal_eval) if measure else None
+        train.pop("history", None)
+        return {"perplexity_before": before and round(before, 3), "perplexity_after": after and round(after, 3),
+                "held_out": self.heal_eval.model_dump(), **train}
+
+
+def _renumber_layers(state: dict, keep: list[int]) -> dict:
+    """Drop the decoder layers not in `keep` and number the rest 0..len(keep)-1."""
+    import re
+
+    new_index = {old: new for new, old in enumerate(keep)}
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"model\.layers\.(\d+)\.(.*)", k)
+        if m is None:
+            out[k] = v
+        elif int(m.group(1)) in new_index:
+            out[f"model.layers.{new_index[int(m.group(1))]}.{m.group(2)}"] = v
+    return out
 
 
 def _saved_dtype(base: Path):
