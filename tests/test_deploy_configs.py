@@ -1,0 +1,58 @@
+"""The files in deploy/: each Serve config is a valid Ray Serve config whose application is
+slimserve's build_app with a valid slimserve config; the Prometheus config passes promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from helm_chart import REPO
+from slimserve.serve.config import load_config
+
+DEPLOY = REPO / "deploy"
+SERVE_CONFIGS = ["demo.yaml", "gpu-gptq-tp2.yaml", "ab-three-variants.yaml"]
+
+
+def test_serve_configs_listed():
+    # Every top-level YAML in deploy/ is a Serve config, and is tested here.
+    assert sorted(p.name for p in DEPLOY.glob("*.yaml")) == sorted(SERVE_CONFIGS)
+
+
+def _slimserve_config(name: str):
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config = yaml.safe_load((DEPLOY / name).read_text())
+    ServeDeploySchema.model_validate(serve_config)
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "slimserve.serve.app:build_app"
+    args = app["args"]
+    # build_app takes the config itself, or {config: PATH} (relative to where `serve run` runs: the repo root)
+    return load_config(REPO / args["config"]) if set(args) == {"config"} else load_config(args)
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_serve_config_valid(name):
+    assert _slimserve_config(name).models
+
+
+def test_gpu_config_uses_gptq_with_tensor_parallel_2():
+    (model,) = _slimserve_config("gpu-gptq-tp2.yaml").models
+    assert model.engine.tensor_parallel_size == 2
+    assert {v.optimization.method for v in model.variants} == {"none", "gptq"}
+
+
+def test_ab_config_has_three_weighted_variants():
+    (model,) = _slimserve_config("ab-three-variants.yaml").models
+    assert len(model.variants) == 3 and all(v.weight > 0 for v in model.variants)
+
+
+def test_prometheus_config_passes_promtool():
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    result = subprocess.run([exe, "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout  # slimserve-alerts.yml, through the symlink
