@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from dataclasses import dataclass
 
@@ -14,12 +16,27 @@ class VariantRoute:
 
 
 class TrafficSplit:
-    """Weighted random choice between variants (weight 0: reachable only when forced)."""
+    """Chooses a variant by weight: at random per request, or sticky per user.
+
+    Sticky choice is weighted rendezvous hashing (Schindelhauer & Schomaker, 2005): every
+    variant scores `-weight / ln(u)` with `u` a uniform hash of (user, variant), the highest
+    wins. A user's variant depends only on the user and the weights, so every ingress replica
+    agrees without shared state, and changing one weight by a fraction moves only about that
+    fraction of users (users move only to or from the changed variant). Weight 0: never chosen,
+    reachable only when forced."""
 
     def __init__(self, routes: list[VariantRoute], rng: random.Random | None = None):
         self.routes = {r.variant: r for r in routes}
         self._weighted = [r for r in routes if r.weight > 0]
         self._rng = rng or random.Random()
 
-    def pick(self) -> VariantRoute:
-        return self._rng.choices(self._weighted, weights=[r.weight for r in self._weighted])[0]
+    def pick(self, user: str | None = None) -> VariantRoute:
+        if user is None:
+            return self._rng.choices(self._weighted, weights=[r.weight for r in self._weighted])[0]
+        return max(self._weighted, key=lambda r: _rendezvous_score(user, r))
+
+
+def _rendezvous_score(user: str, route: VariantRoute) -> float:
+    digest = hashlib.blake2b(f"{user}\0{route.variant}".encode(), digest_size=8).digest()
+    u = (int.from_bytes(digest, "big") + 0.5) / 2**64  # uniform in (0, 1)
+    return -route.weight / math.log(u)

@@ -8,6 +8,8 @@ config file (`import_path: slimserve.serve.app:build_app`, `args:` = the slimser
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from importlib import metadata
@@ -84,6 +86,13 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
         # replica actor itself take no CPU (otherwise two engines need four CPUs on two cores).
         placement = {"bundles": [{"CPU": dep.num_cpus_per_worker}] * eng.tensor_parallel_size}
         actor_options["num_cpus"] = 0
+    else:
+        # One GPU per rank, the whole tensor-parallel group on one node (ranks talk over NVLink,
+        # not the network; Ray Serve LLM's default PACK could spread them over pods).
+        placement = {
+            "bundles": [{"GPU": 1}] * eng.tensor_parallel_size,  # Ray Serve LLM's default bundles
+            "strategy": "STRICT_PACK",
+        }
     source = model.source
     return LLMConfig(
         model_loading_config={"model_id": model.model_id(variant), **({"model_source": source} if source != "default" else {})},
@@ -124,17 +133,51 @@ def build_from_config(cfg: SlimserveConfig) -> Application:
                 {"variant": variant.name, "model_id": model.model_id(variant), "weight": variant.weight}
             )
     log.info("slimserve: %d engine deployment(s) on %s", len(llm_configs), accel)
-    return build_openai_app(
+    ingress_kwargs = {
+        "splits": splits,
+        "allow_forced_variant": cfg.ingress.allow_forced_variant,
+        "sticky": {m.name: m.sticky for m in cfg.models},
+        "shadows": {m.name: m.shadow for m in cfg.models if m.shadow},
+        "shadow_max_in_flight": cfg.ingress.shadow_max_in_flight,
+        "health_probe_interval_s": cfg.ingress.health_probe_interval_s,
+    }
+    app = build_openai_app(
         {
             "llm_configs": llm_configs,
-            "ingress_cls_config": {
-                "ingress_cls": SlimserveIngress,
-                "ingress_extra_kwargs": {"splits": splits, "allow_forced_variant": cfg.ingress.allow_forced_variant},
+            "ingress_cls_config": {"ingress_cls": SlimserveIngress, "ingress_extra_kwargs": ingress_kwargs},
+            "ingress_deployment_config": {
+                # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
+                "ray_actor_options": {"num_cpus": 0},
+                # A replaced ingress (new weights) finishes its streams before it goes.
+                "graceful_shutdown_timeout_s": cfg.ingress.drain_timeout_s,
             },
-            # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
-            "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}},
         }
     )
+    _pin_versions(app, cfg, ingress_kwargs)
+    return app
+
+
+def _digest(obj: Any) -> str:
+    version = metadata.version("slimserve")
+    return hashlib.sha256(json.dumps([version, obj], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[str, Any]) -> None:
+    """Give each deployment a version derived from what it runs, so that `serve.run` of a changed
+    config (e.g. new weights) replaces only what changed: the ingress, not the engines. Without
+    it every `serve.run` restarts every replica. (A RayService / `serve deploy` config derives
+    one version from the whole app's args instead: there a change restarts the engines too,
+    which come back from the artifact cache.)"""
+    engines = app._bound_deployment.init_kwargs["llm_deployments"]
+    for model in cfg.models:
+        for variant in model.variants:
+            spec = {
+                "cache_dir": cfg.cache_dir,
+                "model": model.model_dump(mode="json", exclude={"variants", "sticky", "shadow"}),
+                "variant": variant.model_dump(mode="json", exclude={"weight"}),
+            }
+            engines[model.model_id(variant)]._bound_deployment._version = _digest(spec)
+    app._bound_deployment._version = _digest(ingress_kwargs)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -33,10 +33,11 @@ def _run(args) -> int:
     from .local import deploy, local_cluster, say, wait_ready
 
     cfg = load_config(args.config)
-    with local_cluster(cfg, host=args.host, port=args.port, quiet=not args.verbose):
+    with local_cluster(cfg, host=args.host, port=args.port, quiet=not args.verbose, metrics_port=args.metrics_port):
         deploy(cfg)
         secs = wait_ready(lambda line: say("  " + line))
-        say(f"slimserve ready in {secs:.1f}s: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+        say(f"slimserve ready in {secs:.1f}s: OpenAI API at http://{args.host}:{args.port}/v1, "
+            f"metrics at http://{args.host}:{args.metrics_port}/metrics (Ctrl-C stops)")
         try:
             import time
 
@@ -86,6 +87,20 @@ def _optimize(args) -> int:
     return 0
 
 
+def _ab_report(args) -> int:
+    import json
+
+    from .ab_report import PrometheusError, format_table, report
+
+    try:
+        r = report(args.prometheus, args.model, args.window, args.baseline)
+    except (PrometheusError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray and vLLM logs")
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (slimserve_*, ray_vllm_*)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("config", help="config tools")
@@ -113,6 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="only this public model name")
     p.add_argument("--variant", help="only this variant")
     p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("ab-report", help="compare a model's variants from Prometheus, with significance tests and a verdict")
+    p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    p.add_argument("--model", required=True, help="public model name")
+    p.add_argument("--window", default="1h", help="look-back window, a Prometheus duration (default 1h)")
+    p.add_argument("--baseline", help="variant the others are compared with (default: the unoptimized one)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_ab_report)
+
+    p = sub.add_parser("distill", help="teacher -> student knowledge distillation on text (torchrun for several GPUs)")
+    from slimserve.optimizers.distill import add_arguments, run_cli
+
+    add_arguments(p)
+    p.set_defaults(func=run_cli)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

@@ -91,12 +91,27 @@ class Variant(_Strict):
         description="Perplexity check after optimizing, and what to do when the variant loses too much.",
     )
     engine: dict[str, Any] = Field(default_factory=dict, description="Overrides of the model's engine settings for this variant.")
+    student: str | dict[str, Any] | None = Field(
+        None,
+        description="Serve a distilled student under this model's name: a checkpoint path, or a recipe "
+        "({prune: {...} | config: {...}, distill: {...}}) built once and cached. Short for optimization: {method: student, ...}.",
+    )
 
     @field_validator("engine")
     @classmethod
     def _engine_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
         EngineSettings.model_validate(v)  # same fields and checks as the model's engine block
         return v
+
+    @model_validator(mode="after")
+    def _student_is_an_optimization(self) -> "Variant":
+        if self.student is None:
+            return self
+        if "optimization" in self.model_fields_set:
+            raise ValueError("give either `student` or `optimization`, not both")
+        spec = {"path": self.student} if isinstance(self.student, str) else {"recipe": self.student}
+        self.optimization = _parse_optimization({"method": "student", **spec})
+        return self
 
 
 class ModelSpec(_Strict):
@@ -108,6 +123,16 @@ class ModelSpec(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     variants: list[Variant] = Field(min_length=1, description="The variants traffic is split between.")
+    sticky: bool = Field(
+        True,
+        description="Send every request of one user (OpenAI `user` field, or the x-slimserve-user header) to the "
+        "same variant, by weighted consistent hashing: a small weight change moves few users.",
+    )
+    shadow: str | None = Field(
+        None,
+        description="A variant that also gets a copy of every request for this name, asynchronously: the client "
+        "never waits on it; its latency and errors are recorded. Usually a variant with weight 0.",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -120,6 +145,13 @@ class ModelSpec(_Strict):
             raise ValueError("all variant weights are 0: at least one must be positive")
         return v
 
+    @model_validator(mode="after")
+    def _shadow_is_a_variant(self) -> "ModelSpec":
+        names = [v.name for v in self.variants]
+        if self.shadow is not None and self.shadow not in names:
+            raise ValueError(f"shadow: {self.shadow!r} is not one of this model's variants {names}")
+        return self
+
     def engine_for(self, variant: Variant) -> EngineSettings:
         return EngineSettings.model_validate({**self.engine.model_dump(exclude_unset=True), **variant.engine})
 
@@ -131,6 +163,17 @@ class IngressSettings(_Strict):
     """The OpenAI-compatible front door."""
 
     allow_forced_variant: bool = Field(True, description="Honour the x-slimserve-variant request header.")
+    shadow_max_in_flight: int = Field(
+        8, ge=0, description="Shadow copies in flight at once per ingress replica; beyond it copies are dropped "
+        "(and counted), so shadow traffic is shed before client traffic."
+    )
+    drain_timeout_s: float = Field(
+        300, gt=0, description="When the ingress is replaced (e.g. new weights), how long its in-flight requests "
+        "(long streams included) may run on before they are cut."
+    )
+    health_probe_interval_s: float = Field(
+        10, gt=0, description="How often the ingress checks each variant's engine (slimserve_variant_up)."
+    )
 
 
 class SlimserveConfig(_Strict):

@@ -1,24 +1,153 @@
-"""The OpenAI-compatible front door: Ray Serve LLM's OpenAiIngress, plus the variant choice.
+"""The OpenAI-compatible front door: Ray Serve LLM's OpenAiIngress, plus the variant choice and
+per-variant metrics.
 
-A request for a public model name is sent to one of its variants (by weight, or forced by the
-`x-slimserve-variant` request header); a request for a variant's own id goes to that variant.
-Every answer carries `x-slimserve-variant`. The protocol itself stays Ray Serve LLM's."""
+A request for a public model name is sent to one of its variants (by weight; sticky per user;
+or forced by the `x-slimserve-variant` request header); a request for a variant's own id goes to
+that variant. Every answer carries `x-slimserve-variant`. A model's shadow variant gets a copy of
+each request in the background. The protocol itself stays Ray Serve LLM's."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request, status
-from starlette.responses import Response
+from fastapi import HTTPException, Request, status
+from pydantic import TypeAdapter
+from starlette.responses import Response, StreamingResponse
 
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 
 from .ab import TrafficSplit, VariantRoute
+from .metrics import metric
+
+log = logging.getLogger("slimserve.ingress")
 
 VARIANT_HEADER = "x-slimserve-variant"
+USER_HEADER = "x-slimserve-user"
+# Label for requests naming no model slimserve serves: never the client's string (unbounded
+# label values, and it may carry anything the client typed).
+UNKNOWN_MODEL = "unknown"
+GAUGE_REFRESH_S = 5.0
+
+
+@dataclass
+class Target:
+    model: str  # public name
+    variant: str
+    shadow_model_id: str | None = None
+
+
+@dataclass
+class RequestTimer:
+    """What one request did, recorded once when it ends."""
+
+    labels: dict[str, str]
+    stream: bool
+    client_wants_usage: bool
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_last: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failed: bool = False
+    _done: bool = False
+
+    def saw(self, item: Any) -> Any:
+        """Note one item from the engine (a response, a stream chunk, or a batch of chunks);
+        returns the item to pass on (the usage-only chunk removed if the client did not ask)."""
+        now = time.perf_counter()
+        if self.t_first is None:
+            self.t_first = now
+        self.t_last = now
+        if isinstance(item, list):
+            kept = [x for x in (self._one(x) for x in item) if x is not None]
+            return kept or None
+        return self._one(item)
+
+    def _one(self, item: Any) -> Any:
+        if type(item).__name__ == "ErrorResponse":
+            self.failed = True
+            return item
+        if isinstance(item, str):  # SSE text: "data: {...}\n\n", possibly several
+            out = []
+            for part in item.split("\n\n"):
+                if not part.strip():
+                    continue
+                payload = part.removeprefix("data: ").strip()
+                if payload != "[DONE]":
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError:
+                        chunk = {}
+                    if "error" in chunk:
+                        self.failed = True
+                    if self._usage(chunk.get("usage")) and not chunk.get("choices") and not self.client_wants_usage:
+                        continue
+                out.append(part + "\n\n")
+            return "".join(out) or None
+        usage = getattr(item, "usage", None)
+        if self._usage(usage.model_dump() if hasattr(usage, "model_dump") else usage):
+            if self.stream and not getattr(item, "choices", None) and not self.client_wants_usage:
+                return None
+        return item
+
+    def _usage(self, usage: dict | None) -> bool:
+        if not usage:
+            return False
+        self.prompt_tokens = usage.get("prompt_tokens") or 0
+        self.completion_tokens = usage.get("completion_tokens") or 0
+        return True
+
+    def finish(self, status_label: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        end = time.perf_counter()
+        labels = self.labels
+        metric("slimserve_requests_in_flight").set(_in_flight.dec(labels), tags=labels)
+        if self.failed and status_label == "200":
+            status_label = "error"
+        metric("slimserve_requests_total").inc(1, tags={**labels, "status": status_label})
+        metric("slimserve_e2e_request_latency_seconds").observe(end - self.t0, tags=labels)
+        if self.prompt_tokens:
+            metric("slimserve_prompt_tokens_total").inc(self.prompt_tokens, tags=labels)
+        if self.completion_tokens:
+            metric("slimserve_generation_tokens_total").inc(self.completion_tokens, tags=labels)
+        # Token timings exist only for streamed answers: a non-streamed one arrives in one piece.
+        if self.stream and self.t_first is not None and status_label == "200":
+            metric("slimserve_time_to_first_token_seconds").observe(self.t_first - self.t0, tags=labels)
+            if self.completion_tokens > 1 and self.t_last is not None:
+                itl = (self.t_last - self.t_first) / (self.completion_tokens - 1)
+                metric("slimserve_inter_token_latency_seconds").observe(itl, tags=labels)
+
+
+class _InFlight:
+    """Per-label-set counts of requests in flight in this replica (Ray gauges only `set`)."""
+
+    def __init__(self):
+        self._n: dict[tuple, int] = {}
+
+    def inc(self, labels: dict[str, str]) -> int:
+        key = tuple(sorted(labels.items()))
+        self._n[key] = self._n.get(key, 0) + 1
+        return self._n[key]
+
+    def get(self, labels: dict[str, str]) -> int:
+        return self._n.get(tuple(sorted(labels.items())), 0)
+
+    def dec(self, labels: dict[str, str]) -> int:
+        key = tuple(sorted(labels.items()))
+        self._n[key] = max(0, self._n.get(key, 0) - 1)
+        return self._n[key]
+
+
+_in_flight = _InFlight()
 
 
 class SlimserveIngress(OpenAiIngress):
@@ -30,6 +159,10 @@ class SlimserveIngress(OpenAiIngress):
         lora_paths=None,
         splits: dict[str, list[dict[str, Any]]],
         allow_forced_variant: bool = True,
+        sticky: dict[str, bool] | None = None,
+        shadows: dict[str, str] | None = None,
+        shadow_max_in_flight: int = 8,
+        health_probe_interval_s: float = 10,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
@@ -38,15 +171,25 @@ class SlimserveIngress(OpenAiIngress):
             r.model_id: (name, r) for name, split in self._splits.items() for r in split.routes.values()
         }
         self._allow_forced = allow_forced_variant
+        self._sticky = sticky or {}
+        self._shadows = shadows or {}
+        self._shadow_max = shadow_max_in_flight
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self._probe_interval = health_probe_interval_s
+        self._probe_task: asyncio.Task | None = None
+        self._timers: dict[int, RequestTimer] = {}
 
-    def _route(self, body, request: Request) -> str | None:
-        """Rewrite body.model to the chosen variant's model id; return the variant name."""
+    # --- choosing the variant -------------------------------------------------------------
+
+    def _route(self, body, request: Request) -> Target:
+        """Rewrite body.model to the chosen variant's model id."""
         # Errors are raised as OpenAIHTTPException, which Ray Serve LLM's middleware turns into
         # OpenAI's {"error": {...}} shape (FastAPI's HTTPException would answer {"detail": ...}).
         if body.model is None and len(self._splits) == 1:
             body.model = next(iter(self._splits))
         if body.model in self._by_model_id:
-            return self._by_model_id[body.model][1].variant
+            name, route = self._by_model_id[body.model]
+            return Target(name, route.variant)
         split = self._splits.get(body.model)
         if split is None:
             known = ", ".join(self._splits)
@@ -57,32 +200,137 @@ class SlimserveIngress(OpenAiIngress):
             raise OpenAIHTTPException(
                 status.HTTP_404_NOT_FOUND, f"The model `{body.model}` does not exist; available: {known}", "NotFoundError"
             )
+        name = body.model
         forced = request.headers.get(VARIANT_HEADER)
         if forced and self._allow_forced:
             route = split.routes.get(forced)
             if route is None:
                 raise OpenAIHTTPException(
                     status.HTTP_400_BAD_REQUEST,
-                    f"model `{body.model}` has no variant `{forced}` (has: {', '.join(split.routes)})",
+                    f"model `{name}` has no variant `{forced}` (has: {', '.join(split.routes)})",
                     "invalid_request_error",
                 )
         else:
-            route = split.pick()
+            user = request.headers.get(USER_HEADER) or getattr(body, "user", None)
+            route = split.pick(user if self._sticky.get(name, True) else None)
         body.model = route.model_id
-        return route.variant
+        shadow = self._shadows.get(name)
+        shadow_id = split.routes[shadow].model_id if shadow and shadow != route.variant else None
+        return Target(name, route.variant, shadow_id)
 
-    async def _answer(self, handler, body, request: Request) -> Response:
-        variant = self._route(body, request)
-        response = await handler(body, request)
-        if variant is not None:
-            response.headers[VARIANT_HEADER] = variant
+    # --- answering and recording ----------------------------------------------------------
+
+    async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
+        self._ensure_probe()
+        requested = body.model
+        try:
+            target = self._route(body, request)
+        except OpenAIHTTPException as e:
+            model = requested if requested in self._splits else UNKNOWN_MODEL
+            metric("slimserve_requests_total").inc(1, tags={"model": model, "variant": "", "status": str(e.status_code)})
+            raise
+        labels = {"model": target.model, "variant": target.variant}
+        if target.shadow_model_id:
+            self._send_shadow(body, call_method, target)
+        stream = bool(getattr(body, "stream", False))
+        options = getattr(body, "stream_options", None)
+        timer = RequestTimer(labels, stream, client_wants_usage=bool(options and options.include_usage))
+        if stream:
+            # Ask the engine for token counts; the usage chunk is dropped again unless asked for.
+            body.stream_options = _stream_options(body, {**(options.model_dump() if options else {}), "include_usage": True})
+        metric("slimserve_requests_in_flight").set(_in_flight.inc(labels), tags=labels)
+        self._timers[id(body)] = timer
+        try:
+            response = await handler(body, request)
+        except (OpenAIHTTPException, HTTPException) as e:
+            timer.finish(str(e.status_code))
+            raise
+        except BaseException:
+            timer.finish("500")
+            raise
+        finally:
+            self._timers.pop(id(body), None)
+        response.headers[VARIANT_HEADER] = target.variant
+        if isinstance(response, StreamingResponse):
+            response.body_iterator = _finish_after(response.body_iterator, timer)
+        else:
+            timer.finish(str(response.status_code))
         return response
 
+    async def _get_response(self, *, body, call_method, raw_request=None):
+        timer = self._timers.pop(id(body), None)
+        async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+            if timer is not None:
+                item = timer.saw(item)
+                if item is None:
+                    continue
+            yield item
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        return await self._answer(super().chat, body, request)
+        return await self._answer(super().chat, body, request, "chat")
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._answer(super().completions, body, request)
+        return await self._answer(super().completions, body, request, "completions")
+
+    # --- shadow traffic -------------------------------------------------------------------
+
+    def _send_shadow(self, body, call_method: str, target: Target) -> None:
+        labels = {"model": target.model, "variant": self._by_model_id[target.shadow_model_id][1].variant}
+        if len(self._shadow_tasks) >= self._shadow_max:
+            metric("slimserve_shadow_requests_total").inc(1, tags={**labels, "status": "dropped"})
+            return
+        copy = body.model_copy(deep=True, update={"model": target.shadow_model_id, "stream": False})
+        if getattr(copy, "stream_options", None) is not None:
+            copy.stream_options = None
+        task = asyncio.get_running_loop().create_task(self._shadow(copy, call_method, labels))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, body, call_method: str, labels: dict[str, str]) -> None:
+        t0 = time.perf_counter()
+        status_label = "200"
+        try:
+            async for item in super()._get_response(body=body, call_method=call_method, raw_request=None):
+                if type(item).__name__ == "ErrorResponse":
+                    status_label = str(getattr(item.error, "code", None) or "error")
+        except Exception as e:  # recorded, never raised: the client is not waiting on this
+            status_label = str(getattr(e, "status_code", "error"))
+            log.warning("shadow request to %s/%s failed: %s", labels["model"], labels["variant"], e)
+        metric("slimserve_shadow_requests_total").inc(1, tags={**labels, "status": status_label})
+        metric("slimserve_shadow_e2e_request_latency_seconds").observe(time.perf_counter() - t0, tags=labels)
+
+    # --- variant health -------------------------------------------------------------------
+
+    def _ensure_probe(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def check_health(self):
+        self._ensure_probe()  # Serve calls this periodically: the probe runs without traffic too
+
+    async def _probe_forever(self) -> None:
+        up: dict[str, int] = {}
+        last_probe = -float("inf")
+        while True:
+            if time.monotonic() - last_probe >= self._probe_interval:
+                last_probe = time.monotonic()
+                up = dict(zip(self._by_model_id, await asyncio.gather(*map(self._probe, self._by_model_id))))
+            # Every gauge is set on each round: Ray drops a gauge that is not set for a while.
+            for model_id, (name, route) in self._by_model_id.items():
+                labels = {"model": name, "variant": route.variant}
+                metric("slimserve_variant_up").set(up[model_id], tags=labels)
+                metric("slimserve_traffic_weight").set(route.weight, tags=labels)
+                metric("slimserve_requests_in_flight").set(_in_flight.get(labels), tags=labels)
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    async def _probe(self, model_id: str) -> int:
+        try:
+            await asyncio.wait_for(self._default_serve_handles[model_id].check_health.remote(), timeout=5)
+            return 1
+        except Exception:
+            return 0
+
+    # --- /v1/models -----------------------------------------------------------------------
 
     def _public_card(self, name: str) -> ModelCard:
         routes = self._splits[name].routes.values()
@@ -91,7 +339,8 @@ class SlimserveIngress(OpenAiIngress):
             {"variant": r.variant, "model_id": r.model_id, "weight": r.weight, "traffic_share": round(r.weight / total, 4)}
             for r in routes
         ]
-        return ModelCard(id=name, object="model", owned_by="slimserve", permission=[], metadata={"variants": variants})
+        meta = {"variants": variants, "sticky": self._sticky.get(name, True), "shadow": self._shadows.get(name)}
+        return ModelCard(id=name, object="model", owned_by="slimserve", permission=[], metadata=meta)
 
     async def _engine_info(self, model_id: str) -> dict[str, Any]:
         try:
@@ -118,3 +367,24 @@ class SlimserveIngress(OpenAiIngress):
         variant_cards = await asyncio.gather(*(self.model(m) for m in self._model_cards))
         public = [self._public_card(name) for name in self._splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])
+
+
+def _stream_options(body, value: dict[str, Any]):
+    annotation = type(body).model_fields["stream_options"].annotation
+    return TypeAdapter(annotation).validate_python(value)
+
+
+async def _finish_after(iterator, timer: RequestTimer):
+    """Pass a streamed body through and record the request when it ends, however it ends."""
+    status_label = "200"
+    try:
+        async for chunk in iterator:
+            yield chunk
+    except (asyncio.CancelledError, GeneratorExit):
+        status_label = "cancelled"  # the client went away
+        raise
+    except BaseException:
+        status_label = "error"
+        raise
+    finally:
+        timer.finish(status_label)

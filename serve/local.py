@@ -27,7 +27,9 @@ def _interrupt(signum, frame):
 
 
 @contextmanager
-def local_cluster(cfg: SlimserveConfig, *, host: str, port: int, quiet: bool = True) -> Iterator[None]:
+def local_cluster(
+    cfg: SlimserveConfig, *, host: str, port: int, quiet: bool = True, metrics_port: int | None = None
+) -> Iterator[None]:
     """Start a local Ray cluster and Serve, deploy `cfg`, and tear everything down on exit —
     also on Ctrl-C or SIGTERM, so no Ray or vLLM process outlives the command."""
     import ray
@@ -42,6 +44,8 @@ def local_cluster(cfg: SlimserveConfig, *, host: str, port: int, quiet: bool = T
             include_dashboard=False,
             log_to_driver=not quiet,
             logging_level="WARNING" if quiet else "INFO",
+            # Ray's Prometheus endpoint (slimserve_* and vLLM's metrics); else a random port.
+            **({"_metrics_export_port": metrics_port} if metrics_port else {}),
         )
         if quiet:
             quiet_logs()

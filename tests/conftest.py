@@ -18,10 +18,13 @@ os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
 def pytest_collection_modifyitems(items):
     # The demo test starts and stops its own Ray cluster and needs both cores: run it before
     # the session cluster exists. Then unit tests, then tests against the shared cluster.
+    # Tests on the shared app (main_app) run before e2e tests that need every core for their own.
     def rank(item):
         if "standalone" in item.keywords:
             return 0
-        return 2 if "e2e" in item.keywords else 1
+        if "e2e" not in item.keywords:
+            return 1
+        return 2 if "main_app" in getattr(item, "fixturenames", ()) else 3
 
     items.sort(key=rank)
 
@@ -32,13 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def serve_url():
-    """A real local Ray cluster with Serve's HTTP proxy on a free loopback port."""
+    """A real local Ray cluster with Serve's HTTP proxy on a free loopback port, and Ray's
+    Prometheus endpoint on METRICS_PORT."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=len(os.sched_getaffinity(0)),
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
@@ -77,3 +89,48 @@ def undeploy(name: str) -> None:
     from ray import serve
 
     serve.delete(name)  # waits until the replicas (and their engines) are gone
+
+
+MAIN_APP = "main"
+# The app most end-to-end tests share: SmolLM2 as bf16 (70 %) and W8A8 built on load (30 %).
+MAIN_CONFIG = {
+    "models": [
+        {
+            "name": "smollm2",
+            "source": "default",
+            "engine": {"max_model_len": 1024},
+            "variants": [
+                {"name": "baseline", "weight": 70},
+                {"name": "int8", "weight": 30, "optimization": {"method": "w8a8"}},
+            ],
+        }
+    ],
+    "ingress": {"health_probe_interval_s": 2},
+}
+
+
+def main_config(session_cache: Path, **model_overrides) -> dict:
+    """MAIN_CONFIG with the session's cache and optional changes to the model entry (a test
+    that redeploys with other weights or a shadow variant gets the same engines)."""
+    import copy
+
+    cfg = copy.deepcopy(MAIN_CONFIG)
+    cfg["cache_dir"] = str(session_cache)
+    cfg["models"][0].update(model_overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def main_app(serve_url, session_cache):
+    deploy_and_wait(main_config(session_cache), MAIN_APP)
+    yield serve_url
+    undeploy(MAIN_APP)
+
+
+def release_main_app() -> None:
+    """For tests that need every core for their own app: the shared app goes (the tests that use
+    it are ordered before these)."""
+    from ray import serve
+
+    if MAIN_APP in serve.status().applications:
+        undeploy(MAIN_APP)

@@ -1,5 +1,6 @@
 """The first slice end to end: a real Ray cluster, two real vLLM CPU engines (bf16 and W8A8
-built on load into an empty cache), one OpenAI ingress, the real `openai` client."""
+built on load into an empty cache), one OpenAI ingress, the real `openai` client. The app is
+conftest's `main_app` (shared with the A/B and metrics tests)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from conftest import deploy_and_wait, undeploy
 
 pytestmark = pytest.mark.e2e
 
@@ -20,26 +20,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 @pytest.fixture(scope="module")
-def base_url(serve_url, session_cache):
-    deploy_and_wait(
-        {
-            "cache_dir": str(session_cache),
-            "models": [
-                {
-                    "name": "smollm2",
-                    "source": "default",
-                    "engine": {"max_model_len": 1024},
-                    "variants": [
-                        {"name": "baseline", "weight": 50},
-                        {"name": "int8", "weight": 50, "optimization": {"method": "w8a8"}},
-                    ],
-                }
-            ],
-        },
-        APP,
-    )
-    yield serve_url
-    undeploy(APP)
+def base_url(main_app):
+    return main_app
 
 
 @pytest.fixture
@@ -52,8 +34,8 @@ def test_models_lists_public_name_and_variants(client):
     assert {"smollm2", "smollm2--baseline", "smollm2--int8"} <= set(models)
     variants = models["smollm2"].model_extra["metadata"]["variants"]
     assert {(v["variant"], v["model_id"], v["traffic_share"]) for v in variants} == {
-        ("baseline", "smollm2--baseline", 0.5),
-        ("int8", "smollm2--int8", 0.5),
+        ("baseline", "smollm2--baseline", 0.7),
+        ("int8", "smollm2--int8", 0.3),
     }
 
 
@@ -126,12 +108,12 @@ def test_sse_stream_ends_with_done(base_url):
 
 def test_traffic_is_split_between_variants(client):
     seen = collections.Counter(
-        client.completions.with_raw_response.create(model="smollm2", prompt="Hi", max_tokens=1).headers[
+        client.completions.with_raw_response.create(model="smollm2", prompt="Hi", max_tokens=1, user=f"u{i}").headers[
             "x-slimserve-variant"
         ]
-        for _ in range(24)
+        for i in range(24)
     )
-    # 50/50 split: P(one variant gets all 24) = 2 * 0.5**24.
+    # 70/30 split: P(one variant gets all 24) = 0.7**24 + 0.3**24 < 2e-4.
     assert set(seen) == {"baseline", "int8"}, seen
 
 

@@ -10,13 +10,14 @@ import httpx
 import openai
 import pytest
 
-from conftest import deploy_and_wait, undeploy
+from conftest import deploy_and_wait, release_main_app, undeploy
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def base_url(serve_url, session_cache):
+    release_main_app()
     deploy_and_wait(
         {
             "cache_dir": str(session_cache),

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import deploy_and_wait, undeploy
+from conftest import deploy_and_wait, release_main_app, undeploy
 
 pytestmark = pytest.mark.e2e
 
 
 def test_tp_that_does_not_divide_the_heads_fails_with_a_clear_message(serve_url, session_cache):
+    release_main_app()
     with pytest.raises(RuntimeError, match="tensor_parallel_size 2 does not divide the 9 attention heads"):
         deploy_and_wait(
             {

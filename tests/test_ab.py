@@ -1,0 +1,72 @@
+"""The traffic split's arithmetic (no cluster): weights, stickiness, and how few users move when
+weights change a little. The same code runs in the ingress (tested end to end in
+test_ab_metrics.py)."""
+
+from __future__ import annotations
+
+import collections
+import random
+
+import pytest
+
+from slimserve.serve.ab import TrafficSplit, VariantRoute
+from slimserve.serve.ab_report import latency_test
+from slimserve.serve.config import ConfigError, load_config
+
+
+def split(**weights: float) -> TrafficSplit:
+    return TrafficSplit([VariantRoute(v, f"m--{v}", w) for v, w in weights.items()], rng=random.Random(0))
+
+
+USERS = [f"user-{i}" for i in range(20000)]
+
+
+def test_sticky_users_always_get_the_same_variant():
+    s = split(a=70, b=30)
+    first = {u: s.pick(u).variant for u in USERS[:500]}
+    assert all(s.pick(u).variant == v for u, v in first.items() for _ in range(3))
+    # Another ingress replica (a new object) agrees: no shared state needed.
+    assert all(split(a=70, b=30).pick(u).variant == v for u, v in first.items())
+
+
+@pytest.mark.parametrize("user_keyed", [True, False])
+def test_shares_follow_the_weights(user_keyed):
+    s = split(a=70, b=20, c=10)
+    seen = collections.Counter(s.pick(u if user_keyed else None).variant for u in USERS)
+    n = len(USERS)
+    for v, p in {"a": 0.7, "b": 0.2, "c": 0.1}.items():
+        sd = (n * p * (1 - p)) ** 0.5
+        assert abs(seen[v] - n * p) < 4 * sd, (v, seen)
+
+
+def test_a_small_weight_change_moves_few_users():
+    before = split(a=70, b=30)
+    after = split(a=65, b=35)  # 5 % of the traffic moves from a to b
+    moved = [u for u in USERS if before.pick(u).variant != after.pick(u).variant]
+    share = len(moved) / len(USERS)
+    # The minimum possible is 5 %; a plain `hash % 100` bucketing would also reach it, but
+    # re-hashing with the new weights (random choice per user) would move ~42 %.
+    assert 0.04 < share < 0.07, share
+    assert all(before.pick(u).variant == "a" and after.pick(u).variant == "b" for u in moved)
+
+
+def test_weight_zero_is_never_picked():
+    s = split(a=1, shadow=0)
+    assert {s.pick(u).variant for u in USERS[:2000]} == {"a"}
+    assert {s.pick().variant for _ in range(2000)} == {"a"}
+
+
+def test_shadow_must_name_a_variant_of_the_model():
+    with pytest.raises(ConfigError) as e:
+        load_config({"models": [{"name": "m", "shadow": "nope", "variants": [{"name": "a"}]}]})
+    assert "models.0" in str(e.value) and "shadow: 'nope' is not one of this model's variants" in str(e.value)
+
+
+def test_latency_test_tells_different_histograms_apart():
+    # Cumulative (le, count) pairs as Prometheus returns them.
+    fast = [(0.1, 80), (0.5, 95), (1, 100), (float("inf"), 100)]
+    slow = [(0.1, 20), (0.5, 60), (1, 95), (float("inf"), 100)]
+    same = [(0.1, 78), (0.5, 96), (1, 100), (float("inf"), 100)]
+    assert latency_test(fast, slow) < 1e-6
+    assert latency_test(fast, same) > 0.5
+    assert latency_test(fast, [(0.1, 0), (0.5, 0), (1, 0), (float("inf"), 0)]) is None

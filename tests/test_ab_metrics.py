@@ -1,0 +1,290 @@
+"""A/B traffic and per-variant metrics, end to end: the shared app (bf16 70 % / W8A8 30 %), Ray's
+Prometheus endpoint scraped by a real Prometheus server (Debian's, on loopback, with the scrape
+config in deploy/prometheus/), queries through Prometheus' HTTP API, and `slimserve ab-report`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import MAIN_APP, METRICS_PORT, REPO, deploy_and_wait, free_port, main_config
+
+pytestmark = pytest.mark.e2e
+
+PROMETHEUS = shutil.which("prometheus")
+DEPLOY = REPO / "deploy"
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, main_app):
+    """Debian's prometheus on a free loopback port, scraping this session's Ray node every 1 s."""
+    if PROMETHEUS is None:
+        pytest.skip("Debian's prometheus is not installed (make setup installs it as root: apt-get install prometheus)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}]
+    # The shipped alert rules are loaded too: a real Prometheus must accept them.
+    config["rule_files"] = [str((DEPLOY / "prometheus" / f).resolve()) for f in config.get("rule_files", [])
+                            if (DEPLOY / "prometheus" / f).exists()]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(tmp / "prometheus.log", "w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/-/ready", timeout=2).status_code == 200, 60, "prometheus ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def wait_for(check, timeout_s: float, what: str):
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.HTTPError, KeyError, IndexError) as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"{what}: not true after {timeout_s} s (last: {last!r})")
+
+
+def promql(url: str, query: str) -> dict:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=30)
+    r.raise_for_status()
+    return {tuple(sorted(s["metric"].items())): float(s["value"][1]) for s in r.json()["data"]["result"]}
+
+
+def by_variant(url: str, query: str) -> dict[str, float]:
+    return {dict(k).get("variant"): v for k, v in promql(url, query).items()}
+
+
+def ok_counts(url: str) -> dict[str, float]:
+    return by_variant(url, 'sum by (variant) (slimserve_requests_total{model="smollm2",status="200"})')
+
+
+def complete(base_url: str, headers: dict | None = None, **body) -> httpx.Response:
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 1, **body}
+    return httpx.post(f"{base_url}/v1/completions", json=body, headers=headers or {}, timeout=120)
+
+
+def test_split_70_30_is_counted_per_variant_in_prometheus(main_app, prometheus):
+    # Ray's metrics agent exports every few seconds; take the counters as they stand first.
+    time.sleep(2)
+    before = ok_counts(prometheus)
+    n = 300
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: complete(main_app), range(n)))
+    assert all(r.status_code == 200 for r in answers)
+    seen = collections.Counter(r.headers["x-slimserve-variant"] for r in answers)
+    # Binomial(300, 0.7): sd 7.9 requests; 4 sd leaves a 6e-5 chance of a false failure.
+    assert abs(seen["baseline"] - 0.7 * n) < 4 * (n * 0.7 * 0.3) ** 0.5, seen
+    # Prometheus counts exactly what the clients saw, per variant.
+    expected = {v: before.get(v, 0) + seen[v] for v in ("baseline", "int8")}
+    wait_for(lambda: ok_counts(prometheus) == expected, 90, f"prometheus counts {expected}")
+
+
+def test_ttft_itl_and_token_metrics_exist_per_variant(main_app, prometheus):
+    for variant in ("baseline", "int8"):
+        for _ in range(3):
+            body = {"model": "smollm2", "messages": [{"role": "user", "content": "Count to five."}],
+                    "max_tokens": 12, "stream": True}
+            with httpx.stream("POST", f"{main_app}/v1/chat/completions", json=body,
+                              headers={"x-slimserve-variant": variant}, timeout=120) as r:
+                events = [l for l in r.iter_lines() if l.startswith("data: ")]
+            chunks = [json.loads(e[6:]) for e in events[:-1]]
+            # slimserve asks the engine for usage (to count tokens) but the client did not: not passed on.
+            assert all(c.get("choices") for c in chunks) and events[-1] == "data: [DONE]"
+    q = 'sum by (variant) (slimserve_time_to_first_token_seconds_count{model="smollm2"})'
+    counts = wait_for(lambda: (c := by_variant(prometheus, q)) and min(c.get("baseline", 0), c.get("int8", 0)) >= 3 and c,
+                      90, "TTFT histograms for both variants")
+    assert set(counts) >= {"baseline", "int8"}
+    p95 = by_variant(prometheus, 'histogram_quantile(0.95, sum by (variant, le) (slimserve_time_to_first_token_seconds_bucket{model="smollm2"}))')
+    assert all(0 < p95[v] < 80 for v in ("baseline", "int8")), p95
+    itl = by_variant(prometheus, 'sum by (variant) (slimserve_inter_token_latency_seconds_count{model="smollm2"})')
+    assert min(itl.get("baseline", 0), itl.get("int8", 0)) >= 3, itl
+    tokens = by_variant(prometheus, 'sum by (variant) (slimserve_generation_tokens_total{model="smollm2"})')
+    assert min(tokens.get("baseline", 0), tokens.get("int8", 0)) >= 3 * 2, tokens
+
+
+def test_usage_chunk_is_kept_when_the_client_asks_for_it(main_app):
+    body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{main_app}/v1/completions", json=body, timeout=120) as r:
+        events = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith("data: {")]
+    assert events[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_memory_and_optimization_gauges(prometheus):
+    weights = wait_for(lambda: (w := by_variant(prometheus, 'max by (variant) (slimserve_model_weight_bytes{model="smollm2"})'))
+                       and len(w) == 2 and w, 60, "weight gauges")
+    assert weights["int8"] < 0.75 * weights["baseline"], weights  # int8 linear layers, bf16 embeddings
+    checkpoint = by_variant(prometheus, 'max by (variant) (slimserve_checkpoint_bytes{model="smollm2"})')
+    assert checkpoint["int8"] < checkpoint["baseline"] and checkpoint["baseline"] >= weights["baseline"]
+    rss = by_variant(prometheus, 'max by (variant) (slimserve_process_rss_bytes{model="smollm2"})')
+    assert all(r > 100e6 for r in rss.values()) and len(rss) == 2, rss
+    quality = promql(prometheus, 'slimserve_quality_ratio{model="smollm2"}')
+    ratios = {dict(k)["variant"]: v for k, v in quality.items() if dict(k)["metric"] == "ppl_ratio"}
+    assert ratios["baseline"] == 1.0 and 1.0 < ratios["int8"] < 1.2, ratios
+    runs = promql(prometheus, 'slimserve_optimization_runs_total{model="smollm2"}')
+    assert {(dict(k)["variant"], dict(k)["method"]) for k in runs} == {("baseline", "none"), ("int8", "w8a8")}
+    up = wait_for(lambda: (u := by_variant(prometheus, 'max by (variant) (slimserve_variant_up{model="smollm2"})')) and len(u) == 2 and u,
+                  60, "variant_up for both")
+    assert up == {"baseline": 1.0, "int8": 1.0}
+    failed = by_variant(prometheus, 'max by (variant) (slimserve_quality_gate_failed{model="smollm2"})')
+    assert failed == {"baseline": 0.0, "int8": 0.0}
+
+
+def test_errors_are_counted_by_status_with_bounded_labels(main_app, prometheus):
+    assert complete(main_app, model="no-such-model").status_code == 404
+    assert complete(main_app, headers={"x-slimserve-variant": "fp4"}).status_code == 400
+    q = 'sum by (model, status) (slimserve_requests_total{status=~"4.."})'
+    got = wait_for(lambda: (c := promql(prometheus, q)) and len(c) >= 2 and c, 60, "4xx counters")
+    labels = {(dict(k)["model"], dict(k)["status"]) for k in got}
+    assert ("unknown", "404") in labels and ("smollm2", "400") in labels
+    names = httpx.get(f"{prometheus}/api/v1/label/model/values", timeout=30).json()["data"]
+    assert "no-such-model" not in names  # a client's string never becomes a label value
+
+
+def test_sticky_users_stay_on_their_variant(main_app):
+    for user in [f"user-{i}" for i in range(8)]:
+        seen = {complete(main_app, user=user).headers["x-slimserve-variant"] for _ in range(3)}
+        seen |= {complete(main_app, headers={"x-slimserve-user": user}).headers["x-slimserve-variant"]}
+        assert len(seen) == 1, (user, seen)
+
+
+def test_ab_report_reads_prometheus_and_gives_a_verdict(prometheus):
+    cmd = [sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2", "--window", "30m"]
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["baseline"] == "baseline" and set(r["variants"]) == {"baseline", "int8"}
+    b, q = r["variants"]["baseline"], r["variants"]["int8"]
+    assert b["requests"] > q["requests"] >= 30  # the 70/30 test ran in this window
+    assert q["weight_bytes"] < b["weight_bytes"] and b["e2e_p50"] > 0 and q["ttft_p95"] > 0
+    (c,) = r["comparisons"]
+    assert c["candidate"] == "int8" and 0 <= c["latency_p"] <= 1 and 0 <= c["error_p"] <= 1
+    text = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    last = text.stdout.strip().splitlines()[-1]
+    assert last.startswith("verdict (smollm2, last 30m, alpha 0.05): ") and "int8" in last
+
+
+def test_ab_report_says_what_is_wrong(prometheus):
+    out = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "gpt-17"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "no slimserve requests for model 'gpt-17'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", "http://127.0.0.1:1", "--model", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "cannot query Prometheus" in out.stderr
+
+
+def test_shadow_variant_gets_copies_without_the_client_waiting(main_app, prometheus, session_cache):
+    """Redeploying with `shadow: int8` changes only the ingress (the engines keep running)."""
+    pids = engine_pids(main_app)
+    redeploy(main_app, session_cache, shadow="int8")
+    try:
+        assert engine_pids(main_app) == pids
+        q = 'sum by (status) (slimserve_shadow_requests_total{model="smollm2",variant="int8"})'
+        before = {dict(k)["status"]: v for k, v in promql(prometheus, q).items()}
+        answers = [complete(main_app, headers={"x-slimserve-variant": "baseline"}, max_tokens=4) for _ in range(6)]
+        assert all(r.status_code == 200 and r.headers["x-slimserve-variant"] == "baseline" for r in answers)
+        target = before.get("200", 0) + 6
+        wait_for(lambda: {dict(k)["status"]: v for k, v in promql(prometheus, q).items()}.get("200", 0) == target, 90,
+                 f"shadow 200 count {target}")
+        assert by_variant(prometheus, 'sum by (variant) (slimserve_shadow_e2e_request_latency_seconds_count{model="smollm2"})')["int8"] >= 6
+    finally:
+        redeploy(main_app, session_cache)
+
+
+def test_changing_weights_by_redeploying_drops_no_request(main_app, session_cache):
+    pids = engine_pids(main_app)
+    results: list[tuple[int, str]] = []
+
+    def stream_one():
+        body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 48, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{main_app}/v1/completions", json=body, timeout=300) as r:
+            text = "".join(json.loads(l[6:])["choices"][0]["text"] for l in r.iter_lines() if l.startswith("data: {"))
+            results.append((r.status_code, text))
+
+    threads = [threading.Thread(target=stream_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    try:
+        redeploy(main_app, session_cache, variants=[
+            {"name": "baseline", "weight": 20}, {"name": "int8", "weight": 80, "optimization": {"method": "w8a8"}}])
+        for t in threads:
+            t.join(300)
+        assert len(results) == 4 and all(code == 200 and len(text) > 20 for code, text in results), results
+        assert engine_pids(main_app) == pids  # only the ingress was replaced
+        shares = {v["variant"]: v["traffic_share"] for v in
+                  httpx.get(f"{main_app}/v1/models", timeout=30).json()["data"][0]["metadata"]["variants"]}
+        assert shares == {"baseline": 0.2, "int8": 0.8}
+    finally:
+        redeploy(main_app, session_cache)
+
+
+def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
+    # Last in this module: the shadow and weight tests above make the shadow_* series exist.
+    """Every slimserve_* name in the Grafana dashboard and the alert rules is in this real scrape
+    (histograms by their _bucket/_count/_sum series)."""
+    exprs = []
+    dashboard = DEPLOY / "grafana" / "slimserve-dashboard.json"
+    if dashboard.exists():
+        exprs += [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p.get("targets", [])]
+    rules = DEPLOY / "prometheus" / "slimserve-alerts.yml"
+    if rules.exists():
+        exprs += [r["expr"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]]
+    if not exprs:
+        pytest.skip("no dashboard or alert rules in deploy/ yet")
+    used = {n for e in exprs for n in re.findall(r"\bslimserve_[a-z0-9_]+", e)}
+    present = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=30).json()["data"])
+    # Not on a CPU host; written by engines on GPU hosts only.
+    cpu_absent = {"slimserve_gpu_memory_used_bytes"}
+    missing = {n for n in used - cpu_absent if n not in present}
+    assert not missing, f"used by dashboard/alerts but not exported: {sorted(missing)}"
+
+
+def engine_pids(base_url: str) -> dict[str, int]:
+    cards = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
+    return {c["id"]: c["metadata"]["engine"]["pid"] for c in cards if "engine" in c.get("metadata", {})}
+
+
+def public_card(base_url: str) -> dict:
+    return httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]["metadata"]
+
+
+def redeploy(base_url: str, session_cache: Path, **model_overrides) -> None:
+    """serve.run the shared app with changes; return once the new ingress answers."""
+    cfg = main_config(session_cache, **model_overrides)
+    model = cfg["models"][0]
+    total = sum(v["weight"] for v in model["variants"])
+    want = ({v["name"]: round(v["weight"] / total, 4) for v in model["variants"]}, model.get("shadow"))
+    deploy_and_wait(cfg, MAIN_APP)
+
+    def current():
+        meta = public_card(base_url)
+        return ({v["variant"]: v["traffic_share"] for v in meta["variants"]}, meta["shadow"]) == want
+
+    wait_for(current, 120, f"ingress with {want}")
