@@ -135,7 +135,7 @@ def distill(teacher, student, tokenizer, args: DistillArgs, work_dir: Path, resu
                 logs["ce"] = round(float(ce), 4)
             if kl is not None:
                 logs["kl"] = round(float(kl), 4)
-            history.append({"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
+            history.append({"step": state.global_step, "elapsed": secs, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}})
 
     targs = TrainingArguments(
         output_dir=str(work_dir),
@@ -172,10 +172,14 @@ def distill(teacher, student, tokenizer, args: DistillArgs, work_dir: Path, resu
     secs = time.monotonic() - t0
     student.eval()
     done = args.steps - (int(Path(ckpt).name.split("-")[-1]) if ckpt else 0)
+    steady = None  # tokens/s between the first and last log line: without start-up and first-step costs
+    if len(history) >= 2 and history[-1]["elapsed"] > history[0]["elapsed"]:
+        a, b = history[0], history[-1]
+        steady = round((b["step"] - a["step"]) * tokens_per_step / (b["elapsed"] - a["elapsed"]), 1)
     return {
         "steps": args.steps, "steps_run": done, "resumed_from": ckpt, "bf16": bf16, "world_size": world,
         "tokens": done * tokens_per_step, "seconds": round(secs, 2),
-        "tokens_per_s": round(done * tokens_per_step / secs, 1),
+        "tokens_per_s": round(done * tokens_per_step / secs, 1), "tokens_per_s_steady": steady,
         "train_loss": round(result.training_loss, 4), "history": history,
         "temperature": args.temperature, "alpha": args.alpha,
     }

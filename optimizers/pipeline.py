@@ -102,13 +102,15 @@ def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held
     calibration = {
         name: value.digest() for name, value in spec if isinstance(value, Calibration)
     }
-    payload = json.dumps(
-        {
-            "base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration,
-            "versions": versions, "held_out": held_out.model_dump() if held_out else None,
-        },
-        sort_keys=True,
-    )
+    key = {
+        "base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration,
+        "versions": versions, "held_out": held_out.model_dump() if held_out else None,
+    }
+    # Other inputs named by path (a student checkpoint): their content goes into the key too.
+    inputs = getattr(spec, "input_digest", lambda: None)()
+    if inputs is not None:
+        key["inputs"] = inputs
+    payload = json.dumps(key, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

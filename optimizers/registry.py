@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 # Modules of slimserve.optimizers that each define one registered method.
-_METHOD_MODULES = ("none", "w8a8", "gptq", "rtn", "fp8", "structured", "sparsity")
+_METHOD_MODULES = ("none", "w8a8", "gptq", "rtn", "fp8", "structured", "sparsity", "student")
 
 _REGISTRY: dict[str, type["Optimization"]] = {}
 

@@ -1,0 +1,148 @@
+"""`student`: serve a distilled student under the teacher's public name.
+
+The student is either a given checkpoint (`path`, e.g. written by `slimserve distill`) or made
+once by a recipe (prune the teacher, or a smaller config of it, then distill; cached like any
+artifact). Either way the build measures how closely it follows the teacher on held-out text
+(top-1 next-token agreement and KL per token) and stores that in the manifest; the quality
+gate (perplexity ratio to the teacher) applies as for quantization.
+
+    variants:
+      - {name: student, student: /models/smollm2-student}          # a trained checkpoint
+      - name: student-recipe
+        student: {prune: {mlp_keep: 0.5}, distill: {steps: 2000}}   # built once, cached
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .distill import DistillArgs
+from .quality import HeldOut
+from .registry import Optimization, register
+
+
+class StudentRecipe(BaseModel):
+    """How to make a student from the teacher: one of `prune` or `config`, then `distill`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prune: dict[str, Any] | None = Field(None, description="`structured` parameters: the student is a pruned copy of the teacher.")
+    config: dict[str, Any] | None = Field(None, description="Teacher config overrides (e.g. num_hidden_layers): a smaller model of the same family, randomly initialised.")
+    distill: DistillArgs = Field(default_factory=DistillArgs)
+
+    @model_validator(mode="after")
+    def _one_init(self) -> "StudentRecipe":
+        if (self.prune is None) == (self.config is None):
+            raise ValueError("a student recipe needs exactly one of `prune` or `config`")
+        return self
+
+
+@register
+class Student(Optimization):
+    """A distilled student served in the teacher's place."""
+
+    method: Literal["student"] = "student"
+    path: str | None = Field(None, description="A trained student checkpoint (local HF folder) sharing the teacher's tokenizer.")
+    recipe: StudentRecipe | None = Field(None, description="Make the student at load instead (runs once, then cached).")
+    agreement: HeldOut = Field(
+        HeldOut(text="fortunes", windows=8, seq_len=256),
+        description="Held-out text on which agreement with the teacher is measured.",
+    )
+    libraries = ("torch", "transformers", "accelerate")
+    needs_optimizer_env = False  # torch + transformers only
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Student":
+        if (self.path is None) == (self.recipe is None):
+            raise ValueError("method student needs exactly one of `path` (a checkpoint) or `recipe`")
+        return self
+
+    def input_digest(self) -> str | None:
+        """Content hash of the student checkpoint (a changed student is a new artifact)."""
+        if self.path is None:
+            return None
+        from .cache import sha256_file
+
+        root = Path(self.path).expanduser()
+        if not (root / "config.json").exists():
+            raise FileNotFoundError(f"student {self.path}: no config.json (not a Hugging Face checkpoint folder)")
+        h = hashlib.sha256()
+        for p in sorted(x for x in root.rglob("*") if x.is_file() and "checkpoints" not in x.relative_to(root).parts):
+            h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
+        return h.hexdigest()
+
+    def run(self, base: Path, out: Path) -> dict[str, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        report: dict[str, Any] = {}
+        if self.path is not None:
+            src = Path(self.path).expanduser().resolve()
+            _check_tokenizer(base, src)
+            out.mkdir(parents=True, exist_ok=True)
+            for p in src.iterdir():
+                if p.is_file() and p.name != "slimserve-manifest.json":
+                    shutil.copy2(p, out / p.name)
+            if not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists():
+                tokenizer.save_pretrained(out)  # served under the teacher's name with its tokenizer
+            report["student"] = str(src)
+        else:
+            report["distill"] = self._make(base, out, tokenizer)
+        teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        from .distill import agreement
+
+        if self.agreement.available():
+            report["agreement"] = {**agreement(teacher, student, tokenizer, self.agreement), "held_out": self.agreement.model_dump()}
+        params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        report["parameters"] = [params(teacher), params(student)]
+        return report
+
+    def _make(self, base: Path, out: Path, tokenizer) -> dict[str, Any]:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .distill import distill, save_student
+        from .structured import StructuredPrune, _saved_dtype
+
+        r = self.recipe
+        work = out.parent / (out.name + ".student-work")
+        try:
+            if r.prune is not None:
+                StructuredPrune.model_validate({**r.prune, "method": "structured"}).run(base, work / "init")
+                student = AutoModelForCausalLM.from_pretrained(work / "init", dtype=torch.float32)
+            else:
+                cfg = AutoConfig.from_pretrained(base)
+                for k, v in r.config.items():
+                    setattr(cfg, k, v)
+                torch.manual_seed(r.distill.seed)
+                student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            train = distill(teacher, student, tokenizer, r.distill, work / "checkpoints")
+            save_student(student.cpu(), tokenizer, out, _saved_dtype(base))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        train.pop("history", None)
+        return train
+
+
+def _check_tokenizer(teacher: Path, student: Path) -> None:
+    """The student must read and write the teacher's tokens: same vocabulary size, and the same
+    tokenizer.json when it ships one."""
+    t_cfg = json.loads((teacher / "config.json").read_text())
+    s_cfg = json.loads((student / "config.json").read_text())
+    if t_cfg.get("vocab_size") != s_cfg.get("vocab_size"):
+        raise ValueError(
+            f"student {student} has vocab_size {s_cfg.get('vocab_size')}, the teacher {t_cfg.get('vocab_size')}: "
+            "a student must share the teacher's tokenizer"
+        )
+    t_tok, s_tok = teacher / "tokenizer.json", student / "tokenizer.json"
+    if t_tok.exists() and s_tok.exists() and t_tok.read_bytes() != s_tok.read_bytes():
+        raise ValueError(f"student {student} ships a tokenizer different from the teacher's: a student must share it")

@@ -1,0 +1,114 @@
+"""`slimserve distill` mechanics on a tiny Llama that shares SmolLM2's tokenizer (CPU, seconds):
+the KD loss, student kinds, checkpoints and resume, gradient accumulation, the tokens/s log,
+and data parallelism over two processes through torchrun (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimserve.optimizers.models import resolve_source
+
+FAST = ["--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--text", "fortunes"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer (2 layers, hidden 64)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    base = resolve_source("default")
+    tok = AutoTokenizer.from_pretrained(base)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "teacher"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def cli(*args, runner=(sys.executable, "-m", "slimserve.serve.cli")):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*runner, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "distill-report.json").read_text())
+
+
+def test_kd_loss_is_ce_at_alpha_0_and_zero_kl_for_equal_logits():
+    import torch
+
+    from slimserve.optimizers.distill import kd_loss
+
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    loss, ce, kl = kd_loss(logits, logits.clone(), ids, temperature=2.0, alpha=0.5)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(0.5 * ce.item())
+    loss0, ce0, kl0 = kd_loss(logits, torch.randn(2, 5, 11), ids, temperature=2.0, alpha=0.0)
+    assert kl0 is None and loss0.item() == pytest.approx(ce0.item())
+    _, _, kl1 = kd_loss(logits, torch.randn(2, 5, 11), ids, temperature=2.0, alpha=1.0)
+    assert kl1.item() > 0
+
+
+def test_distill_checkpoints_and_resumes(teacher, tmp_path):
+    out = tmp_path / "student"
+    r = cli("distill", "--teacher", str(teacher), "--student-config", '{"num_hidden_layers": 1}', "--out", str(out),
+            "--steps", "4", "--save-steps", "2", "--eval-text", "pydoc", *FAST)
+    first = report(out)
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    t = first["train"]
+    assert t["steps_run"] == 4 and t["tokens"] == 4 * 2 * 32 and t["tokens_per_s"] > 0 and t["world_size"] == 1
+    # The progress log carries loss, its KL and CE parts, and tokens/s.
+    assert {"loss", "ce", "kl", "tokens_per_s"} <= set(t["history"][-1])
+    assert "tokens_per_s" in r.stdout + r.stderr
+    assert first["student_parameters"] < first["teacher_parameters"]
+    assert math.isfinite(first["perplexity_after"]) and 0 <= first["agreement"]["top1_agreement"] <= 1
+
+    # Resume: two more steps from checkpoint-4, not six from scratch.
+    cli("distill", "--teacher", str(teacher), "--student-config", '{"num_hidden_layers": 1}', "--out", str(out),
+        "--steps", "6", "--save-steps", "2", "--resume", *FAST)
+    second = report(out)["train"]
+    assert second["resumed_from"].endswith("checkpoint-4") and second["steps_run"] == 2
+    assert (out / "checkpoints" / "checkpoint-6").exists()
+
+
+def test_gradient_accumulation_bf16_and_a_pruned_student(teacher, tmp_path):
+    out = tmp_path / "student"
+    cli("distill", "--teacher", str(teacher), "--student-prune", '{"mlp_keep": 0.5, "mlp_multiple": 16}',
+        "--out", str(out), "--steps", "2", "--grad-accum", "3", "--bf16", *FAST)
+    t = report(out)["train"]
+    assert t["bf16"] is True and t["tokens"] == 2 * 3 * 2 * 32
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
+
+
+def test_student_from_a_checkpoint_trained_alone(teacher, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(teacher, init)
+    out = tmp_path / "student"
+    cli("distill", "--teacher", str(teacher), "--student", str(init), "--out", str(out), "--steps", "2", "--alpha", "0", *FAST)
+    t = report(out)["train"]
+    assert t["alpha"] == 0 and not any("kl" in h for h in t["history"])
+
+
+def test_data_parallel_over_two_processes_with_torchrun(teacher, tmp_path):
+    out = tmp_path / "student"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "slimserve.optimizers.distill"]
+    cli("--teacher", str(teacher), "--student-config", '{"num_hidden_layers": 1}', "--out", str(out),
+        "--steps", "2", *FAST, runner=torchrun)
+    t = report(out)["train"]
+    assert t["world_size"] == 2 and t["tokens"] == 2 * 2 * 32 * 2  # each rank its own micro-batches
