@@ -140,6 +140,8 @@ def build_from_config(cfg: SlimserveConfig) -> Application:
         "shadows": {m.name: m.shadow for m in cfg.models if m.shadow},
         "shadow_max_in_flight": cfg.ingress.shadow_max_in_flight,
         "health_probe_interval_s": cfg.ingress.health_probe_interval_s,
+        "api_keys_env": cfg.ingress.api_keys_env,
+        "limits": cfg.ingress.limits.model_dump(),
     }
     app = build_openai_app(
         {

@@ -159,6 +159,19 @@ class ModelSpec(_Strict):
         return f"{self.name}{VARIANT_SEP}{variant.name}"
 
 
+class RequestLimits(_Strict):
+    """Bounds on what one request may ask for; beyond them the answer is a 400 (413 for the
+    body) naming the parameter, before any engine sees the request. vLLM's own request checks
+    apply too (e.g. at most VLLM_MAX_STOP_STRINGS=4 `stop` strings, prompt + max_tokens within
+    max_model_len)."""
+
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (Content-Length).")
+    max_tokens: int = Field(4096, ge=1, description="Largest `max_tokens` / `max_completion_tokens`.")
+    max_n: int = Field(4, ge=1, description="Largest `n` (and `best_of`): completions generated per request.")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions request (a list `prompt`).")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+
+
 class IngressSettings(_Strict):
     """The OpenAI-compatible front door."""
 
@@ -171,6 +184,13 @@ class IngressSettings(_Strict):
         300, gt=0, description="When the ingress is replaced (e.g. new weights), how long its in-flight requests "
         "(long streams included) may run on before they are cut."
     )
+    api_keys_env: str | None = Field(
+        "SLIMSERVE_API_KEYS",
+        description="Environment variable holding the accepted API keys, comma-separated (in Kubernetes: from the "
+        "chart's Secret). When it is set and not empty, every request needs `Authorization: Bearer KEY` (401 "
+        "otherwise); unset: no authentication. The keys themselves never appear in the config.",
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="What one request may ask for.")
     health_probe_interval_s: float = Field(
         10, gt=0, description="How often the ingress checks each variant's engine (slimserve_variant_up)."
     )

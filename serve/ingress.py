@@ -9,8 +9,10 @@ each request in the background. The protocol itself stays Ray Serve LLM's."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 
 from .ab import TrafficSplit, VariantRoute
+from .config import RequestLimits
 from .metrics import metric
 
 log = logging.getLogger("slimserve.ingress")
@@ -163,9 +166,16 @@ class SlimserveIngress(OpenAiIngress):
         shadows: dict[str, str] | None = None,
         shadow_max_in_flight: int = 8,
         health_probe_interval_s: float = 10,
+        api_keys_env: str | None = None,
+        limits: dict[str, int] | None = None,
         **kwargs,
     ):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        # Read here, in the replica: the keys come from its environment (a Kubernetes Secret),
+        # never from the config or the deployment's arguments, which Ray shows in its dashboard.
+        raw = os.environ.get(api_keys_env, "") if api_keys_env else ""
+        self._api_keys = [k.strip().encode() for k in raw.split(",") if k.strip()]
+        self._limits = RequestLimits.model_validate(limits or {})
         self._splits = {name: TrafficSplit([VariantRoute(**r) for r in routes]) for name, routes in splits.items()}
         self._by_model_id = {
             r.model_id: (name, r) for name, split in self._splits.items() for r in split.routes.values()
@@ -220,10 +230,41 @@ class SlimserveIngress(OpenAiIngress):
 
     # --- answering and recording ----------------------------------------------------------
 
+    def _set_asgi_app(self, app) -> None:
+        # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last
+        # chance to put the key and body-size check in front of every route.
+        app.add_middleware(GuardMiddleware, api_keys=self._api_keys, max_body_bytes=self._limits.max_body_bytes)
+        super()._set_asgi_app(app)
+
+    def _check_limits(self, body) -> None:
+        lim = self._limits
+
+        def too_many(param: str, value: int, most: int, setting: str) -> None:
+            if value > most:
+                raise OpenAIHTTPException(
+                    status.HTTP_400_BAD_REQUEST,
+                    f"`{param}` is {value}; this server allows at most {most} (ingress.limits.{setting})",
+                    "invalid_request_error",
+                )
+
+        for param in ("max_tokens", "max_completion_tokens"):
+            if getattr(body, param, None) is not None:
+                too_many(param, getattr(body, param), lim.max_tokens, "max_tokens")
+        for param in ("n", "best_of"):
+            if getattr(body, param, None) is not None:
+                too_many(param, getattr(body, param), lim.max_n, "max_n")
+        prompt = getattr(body, "prompt", None)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            too_many("prompt", len(prompt), lim.max_prompts, "max_prompts")
+        messages = getattr(body, "messages", None)
+        if messages is not None:
+            too_many("messages", len(messages), lim.max_messages, "max_messages")
+
     async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
         self._ensure_probe()
         requested = body.model
         try:
+            self._check_limits(body)
             target = self._route(body, request)
         except OpenAIHTTPException as e:
             model = requested if requested in self._splits else UNKNOWN_MODEL
@@ -367,6 +408,45 @@ class SlimserveIngress(OpenAiIngress):
         variant_cards = await asyncio.gather(*(self.model(m) for m in self._model_cards))
         public = [self._public_card(name) for name in self._splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])
+
+
+class GuardMiddleware:
+    """ASGI middleware in front of every route of the ingress: API key (when keys are set) and
+    body size. Open paths: none here — Serve's proxy answers /-/healthz and /-/routes itself,
+    and metrics are on Ray's own port, so probes and scrapers need no key."""
+
+    def __init__(self, app, api_keys: list[bytes], max_body_bytes: int):
+        self.app = app
+        self.api_keys = api_keys
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_keys:
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            # Compare with every key in constant time: no early exit that leaks which matched.
+            if not any([hmac.compare_digest(token, k) for k in self.api_keys]):
+                message = "Incorrect API key provided" if token else "Missing API key: send `Authorization: Bearer KEY`"
+                return await _error(send, 401, message, "authentication_error", {"www-authenticate": "Bearer"})
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _error(
+                send, 413, f"request body is {int(length)} bytes; this server allows at most {self.max_body_bytes} "
+                "(ingress.limits.max_body_bytes)", "invalid_request_error"
+            )
+        return await self.app(scope, receive, send)
+
+
+async def _error(send, code: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:
+    """An OpenAI-shaped error answer, the same shape Ray Serve LLM gives its own errors."""
+    body = json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": code, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _stream_options(body, value: dict[str, Any]):

@@ -36,6 +36,10 @@ def free_port() -> int:
 
 
 METRICS_PORT = free_port()
+# API keys for the authentication test, in the environment Ray's workers inherit (as a
+# Kubernetes Secret puts them into the pods'); only used where a test's config names this variable.
+TEST_API_KEYS_ENV = "SLIMSERVE_TEST_API_KEYS"
+os.environ[TEST_API_KEYS_ENV] = "sk-test-one,sk-test-two"
 
 
 @pytest.fixture(scope="session")
@@ -109,14 +113,15 @@ MAIN_CONFIG = {
 }
 
 
-def main_config(session_cache: Path, **model_overrides) -> dict:
-    """MAIN_CONFIG with the session's cache and optional changes to the model entry (a test
-    that redeploys with other weights or a shadow variant gets the same engines)."""
+def main_config(session_cache: Path, ingress: dict | None = None, **model_overrides) -> dict:
+    """MAIN_CONFIG with the session's cache and optional changes to the ingress and the model
+    entry (a test that redeploys with other weights or a shadow variant gets the same engines)."""
     import copy
 
     cfg = copy.deepcopy(MAIN_CONFIG)
     cfg["cache_dir"] = str(session_cache)
     cfg["models"][0].update(model_overrides)
+    cfg["ingress"].update(ingress or {})
     return cfg
 
 

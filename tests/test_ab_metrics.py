@@ -247,8 +247,9 @@ def test_changing_weights_by_redeploying_drops_no_request(main_app, session_cach
 
 def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
     # Last in this module: the shadow and weight tests above make the shadow_* series exist.
-    """Every slimserve_* name in the Grafana dashboard and the alert rules is in this real scrape
-    (histograms by their _bucket/_count/_sum series)."""
+    """Every slimserve_*, ray_vllm_* and ray_serve_* name in the Grafana dashboard and the alert
+    rules is in this real scrape (histograms by their _bucket/_count/_sum series), and vLLM labels
+    its series with the variant's model id, as the dashboard assumes."""
     exprs = []
     dashboard = DEPLOY / "grafana" / "slimserve-dashboard.json"
     if dashboard.exists():
@@ -258,12 +259,14 @@ def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
         exprs += [r["expr"] for g in yaml.safe_load(rules.read_text())["groups"] for r in g["rules"]]
     if not exprs:
         pytest.skip("no dashboard or alert rules in deploy/ yet")
-    used = {n for e in exprs for n in re.findall(r"\bslimserve_[a-z0-9_]+", e)}
+    used = {n for e in exprs for n in re.findall(r"\b(?:slimserve|ray_vllm|ray_serve)_[a-z0-9_]+", e)}
     present = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=30).json()["data"])
     # Not on a CPU host; written by engines on GPU hosts only.
     cpu_absent = {"slimserve_gpu_memory_used_bytes"}
     missing = {n for n in used - cpu_absent if n not in present}
     assert not missing, f"used by dashboard/alerts but not exported: {sorted(missing)}"
+    kv = promql(prometheus, "max by (model_name) (ray_vllm_kv_cache_usage_perc)")
+    assert {dict(k)["model_name"] for k in kv} >= {"smollm2--baseline", "smollm2--int8"}
 
 
 def engine_pids(base_url: str) -> dict[str, int]:

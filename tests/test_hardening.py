@@ -1,0 +1,93 @@
+"""Untrusted input at the front door, end to end on the shared app: API keys (Bearer, 401 in
+OpenAI's shape) and request limits (a 400 naming the parameter, 413 for the body; never a 500)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import MAIN_APP, TEST_API_KEYS_ENV, deploy_and_wait, main_config
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"n": 50}, "n"),
+        ({"prompt": ["x"] * 100}, "prompt"),
+    ],
+)
+def test_a_request_over_a_limit_is_a_400_naming_the_parameter(main_app, body, param):
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 1, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert f"`{param}`" in error["message"] and "ingress.limits." in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"stop": [f"s{i}" for i in range(5)]},  # vLLM's VLLM_MAX_STOP_STRINGS
+        {"max_tokens": 2000},  # prompt + max_tokens over max_model_len (1024)
+        {"prompt": "word " * 1500},  # prompt alone over max_model_len
+        {"temperature": -1},
+        {"logprobs": 1000},
+    ],
+)
+def test_what_vllm_refuses_is_a_400_too(main_app, body):
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 1, **body}, timeout=60)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert r.json()["error"]["message"]
+
+
+def test_too_many_chat_messages_is_a_400(main_app):
+    r = httpx.post(f"{main_app}/v1/chat/completions", json={"model": "smollm2", "messages": QUESTION * 300}, timeout=60)
+    assert r.status_code == 400 and "`messages`" in r.json()["error"]["message"]
+
+
+def test_an_oversized_body_is_a_413_before_any_parsing(main_app):
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "x" * 2_000_000}, timeout=60)
+    assert r.status_code == 413
+    assert "max_body_bytes" in r.json()["error"]["message"]
+
+
+def test_a_request_within_the_limits_is_answered(main_app):
+    r = httpx.post(f"{main_app}/v1/completions",
+                   json={"model": "smollm2", "prompt": "x", "max_tokens": 2, "n": 2, "stop": ["\n"]}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+
+
+@pytest.fixture
+def keyed_app(main_app, session_cache):
+    """The shared app with API keys switched on (only the ingress is replaced)."""
+    deploy_and_wait(main_config(session_cache, ingress={"api_keys_env": TEST_API_KEYS_ENV}), MAIN_APP)
+    t0 = time.monotonic()
+    while httpx.get(f"{main_app}/v1/models", timeout=30).status_code != 401:
+        assert time.monotonic() - t0 < 120, "the ingress with API keys did not take over"
+        time.sleep(1)
+    yield main_app
+    deploy_and_wait(main_config(session_cache), MAIN_APP)
+    while httpx.get(f"{main_app}/v1/models", timeout=30).status_code != 200:
+        assert time.monotonic() - t0 < 240
+        time.sleep(1)
+
+
+def test_api_keys(keyed_app):
+    for headers, why in (({}, "Missing API key"), ({"Authorization": "Bearer sk-wrong"}, "Incorrect API key")):
+        r = httpx.post(f"{keyed_app}/v1/completions", json={"model": "smollm2", "prompt": "x"}, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["type"] == "authentication_error" and why in r.json()["error"]["message"]
+    # The real openai client, with each of the two keys; health stays open for probes.
+    for key in ("sk-test-one", "sk-test-two"):
+        client = openai.OpenAI(base_url=f"{keyed_app}/v1", api_key=key, max_retries=0)
+        assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=1).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed_app}/v1", api_key="sk-nope", max_retries=0).models.list()
+    assert httpx.get(f"{keyed_app}/-/healthz", timeout=30).status_code == 200
