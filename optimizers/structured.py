@@ -44,6 +44,10 @@ class StructuredPrune(Optimization):
     libraries = ("torch", "transformers", "accelerate")
     needs_optimizer_env = False  # torch + transformers only: runs in the serving environment
 
+    def input_digest(self) -> str | None:
+        """Content hash of the healing text (it goes into the artifact's cache key)."""
+        return Calibration(text=self.heal.text).digest() if self.heal else None
+
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

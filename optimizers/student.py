@@ -65,8 +65,10 @@ class Student(Optimization):
 
     def input_digest(self) -> str | None:
         """Content hash of the student checkpoint (a changed student is a new artifact)."""
-        if self.path is None:
-            return None
+        if self.path is None:  # a recipe: the training text is its input
+            from .calibration import Calibration
+
+            return Calibration(text=self.recipe.distill.text).digest()
         from .cache import sha256_file
 
         root = Path(self.path).expanduser()

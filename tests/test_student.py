@@ -124,3 +124,16 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
         assert served == expected, (served, expected)
     finally:
         undeploy("student")
+
+
+def test_a_student_recipe_is_built_once_then_cached(tmp_path):
+    recipe = {"config": {"num_hidden_layers": 2},
+              "distill": {"steps": 2, "seq_len": 32, "batch_size": 2, "text": "fortunes"}}
+    spec = {"method": "student", "recipe": recipe, "agreement": {"text": "fortunes", "windows": 2, "seq_len": 64}}
+    first = optimize("default", spec, tmp_path, {"measure": False})
+    report = first.manifest["report"]
+    assert report["distill"]["steps_run"] == 2 and report["distill"]["tokens"] == 2 * 2 * 32
+    assert json.loads((first.path / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (first.path / "tokenizer.json").exists() and report["agreement"]["tokens"] == 2 * 64
+    assert not any(p.name.endswith(".student-work") for p in tmp_path.iterdir())  # no leftovers
+    assert optimize("default", spec, tmp_path, {"measure": False}).cache_hit is True
