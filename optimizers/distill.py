@@ -273,9 +273,11 @@ def run_cli(a) -> int:
         from .structured import StructuredPrune
 
         init = out / "student-init"
-        if rank0 and not (init / "config.json").exists():
-            StructuredPrune.model_validate(json.loads(a.student_prune)).run(teacher_path, init)
-        _barrier(init / "config.json")
+        if rank0 and not init.exists():
+            tmp = out / f"student-init.{os.getpid()}.tmp"
+            StructuredPrune.model_validate(json.loads(a.student_prune)).run(teacher_path, tmp)
+            tmp.rename(init)  # whole, or not there: other ranks wait for it below
+        _barrier(init)
         student = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
     else:
         cfg = AutoConfig.from_pretrained(teacher_path)

@@ -108,7 +108,9 @@ def test_data_parallel_over_two_processes_with_torchrun(teacher, tmp_path):
     out = tmp_path / "student"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "slimserve.optimizers.distill"]
-    cli("--teacher", str(teacher), "--student-config", '{"num_hidden_layers": 1}', "--out", str(out),
-        "--steps", "2", *FAST, runner=torchrun)
+    # A pruned student: rank 0 prunes, the other rank waits for the finished folder.
+    prune = '{"mlp_keep": 0.5, "mlp_multiple": 16, "calibration": {"samples": 4, "seq_len": 32}}'
+    cli("--teacher", str(teacher), "--student-prune", prune, "--out", str(out), "--steps", "2", *FAST, runner=torchrun)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
     t = report(out)["train"]
     assert t["world_size"] == 2 and t["tokens"] == 2 * 2 * 32 * 2  # each rank its own micro-batches
