@@ -100,6 +100,7 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
         deployment_config={
             "num_replicas": dep.replicas,
             "max_ongoing_requests": dep.max_ongoing_requests,
+            "max_queued_requests": dep.max_queued_requests,
             "ray_actor_options": actor_options,
         },
         runtime_env={"env_vars": env},

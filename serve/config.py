@@ -68,6 +68,10 @@ class DeploymentSettings(_Strict):
 
     replicas: int = Field(1, ge=1, description="Engine replicas per variant.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        128, ge=-1, description="Requests waiting for a replica of the variant, per ingress replica; beyond it the "
+        "answer is 429 with Retry-After instead of an ever longer queue (-1: unbounded)."
+    )
     num_cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per engine worker (one worker per tensor-parallel rank).")
     cpu_threads_bind: str = Field(
         "auto",

@@ -19,11 +19,14 @@ from typing import Any
 
 from fastapi import HTTPException, Request, status
 from pydantic import TypeAdapter
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
+from ray.llm._internal.serve.core.ingress.middleware import get_request_id
+from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 
 from .ab import TrafficSplit, VariantRoute
 from .config import RequestLimits
@@ -259,6 +262,14 @@ class SlimserveIngress(OpenAiIngress):
         messages = getattr(body, "messages", None)
         if messages is not None:
             too_many("messages", len(messages), lim.max_messages, "max_messages")
+            # vLLM's schema lets a free-form message without `role` through, then fails on it
+            # with a 500 and a traceback (found by schemathesis): refuse it here.
+            for i, m in enumerate(messages):
+                role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
+                if not isinstance(role, str) or not role:
+                    raise OpenAIHTTPException(
+                        status.HTTP_400_BAD_REQUEST, f"`messages[{i}].role` is required (a string)", "invalid_request_error"
+                    )
 
     async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
         self._ensure_probe()
@@ -283,11 +294,36 @@ class SlimserveIngress(OpenAiIngress):
         self._timers[id(body)] = timer
         try:
             response = await handler(body, request)
+        except BackPressureError as e:
+            # The variant's queue is full: shed the request with a time to come back, rather
+            # than queue without bound (Ray Serve would answer 503 without a body we control).
+            timer.finish("429")
+            retry = max(1, round(e.retry_after_s or 1))
+            message = f"variant `{target.variant}` of `{target.model}` is at capacity; retry after {retry} s"
+            return JSONResponse(
+                {"error": {"message": message, "type": "rate_limit_error", "param": None, "code": 429}},
+                status_code=429, headers={"retry-after": str(retry), VARIANT_HEADER: target.variant},
+            )
         except (OpenAIHTTPException, HTTPException) as e:
             timer.finish(str(e.status_code))
             raise
+        except Exception as e:
+            # Ray Serve LLM's mapping decides the status (a client error stays a 4xx), but for a
+            # 5xx its message would carry the engine's traceback (paths, internals): log that here
+            # and tell the client only what failed.
+            error = get_response_for_error(e, get_request_id(request)).error
+            timer.finish(str(error.code))
+            if error.code < 500:
+                raise OpenAIHTTPException(error.code, error.message, error.type) from None
+            log.error("%s/%s failed: %s", target.model, target.variant, e, exc_info=True)
+            raise OpenAIHTTPException(
+                error.code,
+                f"variant `{target.variant}` of `{target.model}` failed to answer ({type(e).__name__}); "
+                f"details are in the server log (request id {get_request_id(request)})",
+                "InternalServerError",
+            ) from None
         except BaseException:
-            timer.finish("500")
+            timer.finish("cancelled")
             raise
         finally:
             self._timers.pop(id(body), None)
@@ -334,6 +370,8 @@ class SlimserveIngress(OpenAiIngress):
             async for item in super()._get_response(body=body, call_method=call_method, raw_request=None):
                 if type(item).__name__ == "ErrorResponse":
                     status_label = str(getattr(item.error, "code", None) or "error")
+        except BackPressureError:
+            status_label = "dropped"  # the shadow's queue is full: shadow traffic goes first
         except Exception as e:  # recorded, never raised: the client is not waiting on this
             status_label = str(getattr(e, "status_code", "error"))
             log.warning("shadow request to %s/%s failed: %s", labels["model"], labels["variant"], e)

@@ -103,6 +103,8 @@ MAIN_CONFIG = {
             "name": "smollm2",
             "source": "default",
             "engine": {"max_model_len": 1024},
+            # Small bounds, so that the load test (16 users) sees requests shed with 429.
+            "deployment": {"max_ongoing_requests": 4, "max_queued_requests": 4},
             "variants": [
                 {"name": "baseline", "weight": 70},
                 {"name": "int8", "weight": 30, "optimization": {"method": "w8a8"}},

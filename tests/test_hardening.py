@@ -47,6 +47,22 @@ def test_what_vllm_refuses_is_a_400_too(main_app, body):
     assert r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": "hi", "name": "x"},
+        # Found by the schemathesis run: a Harmony-style message (no `role`) passes vLLM's schema,
+        # then its chat renderer raised KeyError('role'): a 500 with a traceback.
+        {"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}], "channel": None, "content_type": None},
+    ],
+)
+def test_a_chat_message_without_role_is_a_400_not_a_500(main_app, message):
+    r = httpx.post(f"{main_app}/v1/chat/completions",
+                   json={"model": "smollm2", "messages": [message], "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "role" in r.json()["error"]["message"] and "Traceback" not in r.text
+
+
 def test_too_many_chat_messages_is_a_400(main_app):
     r = httpx.post(f"{main_app}/v1/chat/completions", json={"model": "smollm2", "messages": QUESTION * 300}, timeout=60)
     assert r.status_code == 400 and "`messages`" in r.json()["error"]["message"]
