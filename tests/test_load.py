@@ -91,7 +91,7 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(fuzz_app, tmp_path):
          "--include-path-regex", "^/v1/(models|completions|chat/completions)", "--phases", "examples,fuzzing",
          "--max-examples", "15", "--seed", "1", "--request-timeout", "120", "--no-color",
          "--report", "ndjson", "--report-ndjson-path", str(report)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # it writes .schemathesis/ in its cwd
     )
     tail = proc.stdout[-3000:]
     assert proc.returncode == 0 and "Server error" not in proc.stdout, tail
