@@ -30,10 +30,15 @@ class TrafficSplit:
         self._weighted = [r for r in routes if r.weight > 0]
         self._rng = rng or random.Random()
 
-    def pick(self, user: str | None = None) -> VariantRoute:
+    def pick(self, user: str | None = None, exclude: frozenset[str] | set[str] = frozenset()) -> VariantRoute | None:
+        """The variant for this request; None when every weighted variant is excluded (down).
+        Excluding a variant moves only its own users, to the others in proportion to weight."""
+        routes = [r for r in self._weighted if r.variant not in exclude] if exclude else self._weighted
+        if not routes:
+            return None
         if user is None:
-            return self._rng.choices(self._weighted, weights=[r.weight for r in self._weighted])[0]
-        return max(self._weighted, key=lambda r: _rendezvous_score(user, r))
+            return self._rng.choices(routes, weights=[r.weight for r in routes])[0]
+        return max(routes, key=lambda r: _rendezvous_score(user, r))
 
 
 def _rendezvous_score(user: str, route: VariantRoute) -> float:

@@ -67,6 +67,8 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
         "dtype": eng.dtype,
         "trust_remote_code": model.trust_remote_code,
         "enforce_eager": eng.enforce_eager if eng.enforce_eager is not None else accel == "cpu",
+        # Weights from safetensors only: a pickled .bin checkpoint can run code when loaded.
+        "load_format": "safetensors",
         **({"max_model_len": eng.max_model_len} if eng.max_model_len else {}),
         **eng.extra,
     }
@@ -116,6 +118,7 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
                 "quality": variant.quality.model_dump(mode="json"),
                 "cache_dir": cfg.cache_dir,
                 "accelerator": accel,
+                "required": variant.required,
             },
         },
     )

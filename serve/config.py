@@ -95,6 +95,12 @@ class Variant(_Strict):
         description="Perplexity check after optimizing, and what to do when the variant loses too much.",
     )
     engine: dict[str, Any] = Field(default_factory=dict, description="Overrides of the model's engine settings for this variant.")
+    required: bool = Field(
+        False,
+        description="If this variant cannot be prepared at load (optimization error, quality gate with "
+        "on_quality_fail: fail, a TP size that does not fit), fail the whole app. Off: the variant is marked failed "
+        "(in /v1/models and slimserve_variant_up), its traffic goes to the other variants, and the app serves on.",
+    )
     student: str | dict[str, Any] | None = Field(
         None,
         description="Serve a distilled student under this model's name: a checkpoint path, or a recipe "

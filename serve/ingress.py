@@ -191,6 +191,8 @@ class SlimserveIngress(OpenAiIngress):
         self._probe_interval = health_probe_interval_s
         self._probe_task: asyncio.Task | None = None
         self._timers: dict[int, RequestTimer] = {}
+        # model id -> why, for variants that failed to load or fail their health check.
+        self._down: dict[str, str] = {}
 
     # --- choosing the variant -------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class SlimserveIngress(OpenAiIngress):
             body.model = next(iter(self._splits))
         if body.model in self._by_model_id:
             name, route = self._by_model_id[body.model]
+            self._refuse_if_down(name, route)
             return Target(name, route.variant)
         split = self._splits.get(body.model)
         if split is None:
@@ -223,13 +226,28 @@ class SlimserveIngress(OpenAiIngress):
                     f"model `{name}` has no variant `{forced}` (has: {', '.join(split.routes)})",
                     "invalid_request_error",
                 )
+            self._refuse_if_down(name, route)
         else:
             user = request.headers.get(USER_HEADER) or getattr(body, "user", None)
-            route = split.pick(user if self._sticky.get(name, True) else None)
+            down = {self._by_model_id[m][1].variant for m in self._down if self._by_model_id[m][0] == name}
+            route = split.pick(user if self._sticky.get(name, True) else None, exclude=down)
+            if route is None:
+                raise OpenAIHTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE, f"no variant of `{name}` is available", "ServiceUnavailable"
+                )
         body.model = route.model_id
         shadow = self._shadows.get(name)
         shadow_id = split.routes[shadow].model_id if shadow and shadow != route.variant else None
         return Target(name, route.variant, shadow_id)
+
+    def _refuse_if_down(self, name: str, route: VariantRoute) -> None:
+        reason = self._down.get(route.model_id)
+        if reason is not None:
+            raise OpenAIHTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"variant `{route.variant}` of `{name}` is not available: {reason}",
+                "ServiceUnavailable",
+            )
 
     # --- answering and recording ----------------------------------------------------------
 
@@ -393,7 +411,9 @@ class SlimserveIngress(OpenAiIngress):
         while True:
             if time.monotonic() - last_probe >= self._probe_interval:
                 last_probe = time.monotonic()
-                up = dict(zip(self._by_model_id, await asyncio.gather(*map(self._probe, self._by_model_id))))
+                reasons = dict(zip(self._by_model_id, await asyncio.gather(*map(self._probe, self._by_model_id))))
+                self._down = {m: why for m, why in reasons.items() if why is not None}
+                up = {m: int(why is None) for m, why in reasons.items()}
             # Every gauge is set on each round: Ray drops a gauge that is not set for a while.
             for model_id, (name, route) in self._by_model_id.items():
                 labels = {"model": name, "variant": route.variant}
@@ -402,12 +422,17 @@ class SlimserveIngress(OpenAiIngress):
                 metric("slimserve_requests_in_flight").set(_in_flight.get(labels), tags=labels)
             await asyncio.sleep(GAUGE_REFRESH_S)
 
-    async def _probe(self, model_id: str) -> int:
+    async def _probe(self, model_id: str) -> str | None:
+        """None when the variant can serve, else why not."""
+        handle = self._default_serve_handles[model_id]
         try:
-            await asyncio.wait_for(self._default_serve_handles[model_id].check_health.remote(), timeout=5)
-            return 1
-        except Exception:
-            return 0
+            info = await asyncio.wait_for(handle.slimserve_info.remote(), timeout=5)
+            if info.get("failed"):
+                return f"failed to load: {info['failed']}"
+            await asyncio.wait_for(handle.check_health.remote(), timeout=5)
+            return None
+        except Exception as e:
+            return f"not answering its health check ({type(e).__name__})"
 
     # --- /v1/models -----------------------------------------------------------------------
 
@@ -415,7 +440,12 @@ class SlimserveIngress(OpenAiIngress):
         routes = self._splits[name].routes.values()
         total = sum(r.weight for r in routes)
         variants = [
-            {"variant": r.variant, "model_id": r.model_id, "weight": r.weight, "traffic_share": round(r.weight / total, 4)}
+            {
+                "variant": r.variant, "model_id": r.model_id, "weight": r.weight,
+                "traffic_share": round(r.weight / total, 4),
+                "available": r.model_id not in self._down,
+                **({"unavailable_because": self._down[r.model_id]} if r.model_id in self._down else {}),
+            }
             for r in routes
         ]
         meta = {"variants": variants, "sticky": self._sticky.get(name, True), "shadow": self._shadows.get(name)}

@@ -45,6 +45,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_optimization_seconds": ("gauge", "Seconds the replica spent preparing its checkpoint (optimizing, or verifying a cached one).", REQUEST + ("method",), None),
     "slimserve_optimization_runs_total": ("counter", "Checkpoint preparations at replica start, by artifact cache `hit` or `miss`.", REQUEST + ("method", "cache"), None),
     "slimserve_quality_ratio": ("gauge", "Quality of the variant against its base: `ppl_ratio` (perplexity / base perplexity) or `teacher_agreement`.", REQUEST + ("metric",), None),
+    "slimserve_optimization_failed": ("gauge", "1 when the variant could not be prepared at load and is not served (its traffic goes to the others).", REQUEST, None),
     "slimserve_quality_gate_failed": ("gauge", "1 when the variant failed its quality gate and the base model is served instead.", REQUEST, None),
 }
 

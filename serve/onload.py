@@ -26,6 +26,15 @@ class OptimizeOnLoad(CallbackBase):
         self.result: dict[str, Any] = {}
 
     async def on_before_node_init(self) -> None:
+        try:
+            await self._prepare()
+        except Exception as e:
+            # SlimServer.start() reads this: a variant that is not `required` then serves no
+            # engine and reports the failure instead of failing the whole app.
+            self.ctx.custom_data["slimserve_failure"] = f"{type(e).__name__}: {e}"
+            raise
+
+    async def _prepare(self) -> None:
         kw = self.kwargs
         check_runs_on(parse(kw["optimization"]), kw.get("accelerator"), f"{kw['model']}/{kw['variant']}")
         log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
@@ -54,7 +63,7 @@ def check_runs_on(spec, accelerator: str | None, who: str) -> None:
     checkpoint the engine's build has no kernels for."""
     if accelerator == "cpu" and not spec.runs_on_vllm_cpu:
         raise ValueError(
-            f"{who}: vLLM's CPU build has no kernels for {spec.model_dump(exclude_defaults=True)}; "
+            f"{who}: vLLM's CPU build has no kernels for {spec.model_dump(exclude_defaults=True) | {'method': spec.method}}; "
             "serve it on a GPU, or pick a method that runs on CPU (w8a8, gptq/rtn with bits: 4 and "
             "a group size, structured)"
         )

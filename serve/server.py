@@ -22,8 +22,22 @@ METRICS_INTERVAL_S = 5.0
 
 
 class SlimServer(LLMServer):
+    failure: str | None = None
+
     async def start(self):
-        await super().start()
+        try:
+            await super().start()
+        except Exception:
+            failure = self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve_failure")
+            if failure is None or self._llm_config.callback_config.callback_kwargs.get("required"):
+                raise
+            # The on-load step failed before any engine started: stay up without an engine, so
+            # the other variants serve on; the ingress sees `failure` and routes around us.
+            log.error("%s: variant not served: %s", self._labels(), failure)
+            self.engine = None
+            self.failure = failure
+            self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+            return
         prep = self._prepared()
         if prep:
             cache = {True: "hit", False: "miss"}.get(prep.get("cache_hit"), "none")
@@ -62,6 +76,7 @@ class SlimServer(LLMServer):
         sizes = (folder_bytes(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else None
         while True:
             try:
+                metric("slimserve_optimization_failed").set(1 if self.failure else 0, tags=labels)
                 self._report_optimization()
                 if sizes:
                     metric("slimserve_checkpoint_bytes").set(sizes[0], tags=labels)
@@ -79,6 +94,8 @@ class SlimServer(LLMServer):
         engine_client = getattr(self.engine, "_engine_client", None)
         vllm_config = getattr(engine_client, "vllm_config", None)
         info: dict[str, Any] = {"optimization": self._prepared(), "pid": os.getpid()}
+        if self.failure:
+            info["failed"] = self.failure
         if vllm_config is not None:
             mc = vllm_config.model_config
             info.update(

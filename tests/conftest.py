@@ -50,7 +50,10 @@ def serve_url():
     from ray import serve
 
     ray.init(
-        num_cpus=len(os.sched_getaffinity(0)),
+        # One logical CPU more than there are cores: room for the placement bundle of a variant
+        # that fails to load (test_ab_metrics.py) beside the two engines of the shared app.
+        # Engines still get their own cores (VLLM_CPU_OMP_THREADS_BIND from the real cores).
+        num_cpus=len(os.sched_getaffinity(0)) + 1,
         include_dashboard=False,
         log_to_driver=False,
         _metrics_export_port=METRICS_PORT,

@@ -70,3 +70,13 @@ def test_latency_test_tells_different_histograms_apart():
     assert latency_test(fast, slow) < 1e-6
     assert latency_test(fast, same) > 0.5
     assert latency_test(fast, [(0.1, 0), (0.5, 0), (1, 0), (float("inf"), 0)]) is None
+
+
+def test_a_down_variant_moves_only_its_own_users():
+    s = split(a=50, b=30, c=20)
+    before = {u: s.pick(u).variant for u in USERS[:5000]}
+    after = {u: s.pick(u, exclude={"c"}).variant for u in USERS[:5000]}
+    assert all(after[u] == v for u, v in before.items() if v != "c")  # nobody else moves
+    moved = collections.Counter(after[u] for u, v in before.items() if v == "c")
+    assert set(moved) == {"a", "b"} and moved["a"] > moved["b"]  # in proportion to weight (5:3)
+    assert s.pick(exclude={"a", "b", "c"}) is None and s.pick("x", exclude={"a", "b", "c"}) is None

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MAIN_APP, METRICS_PORT, REPO, deploy_and_wait, free_port, main_config
+from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, free_port, main_config
 
 pytestmark = pytest.mark.e2e
 
@@ -245,6 +245,32 @@ def test_changing_weights_by_redeploying_drops_no_request(main_app, session_cach
         redeploy(main_app, session_cache)
 
 
+def test_a_variant_that_fails_to_load_gets_no_traffic_and_says_why(main_app, prometheus, session_cache):
+    """A third variant whose optimization cannot run here (FP8: no vLLM CPU kernels) does not take
+    the app down: it is marked unavailable with the reason, its 50 % goes to the others, forcing
+    it gives a 503 naming the reason, and slimserve_variant_up / _optimization_failed show it."""
+    variants = MAIN_CONFIG["models"][0]["variants"] + [{"name": "broken", "weight": 50, "optimization": {"method": "fp8"}}]
+    deploy_and_wait(main_config(session_cache, variants=variants), MAIN_APP)
+    try:
+        def broken_card():
+            v = {x["variant"]: x for x in public_card(main_app)["variants"]}
+            return "broken" in v and not v["broken"]["available"] and v["broken"]
+
+        card = wait_for(broken_card, 300, "the broken variant reported unavailable")
+        assert "no kernels" in card["unavailable_because"] and "fp8" in card["unavailable_because"]
+        seen = collections.Counter(complete(main_app, user=f"u{i}").headers["x-slimserve-variant"] for i in range(30))
+        assert set(seen) <= {"baseline", "int8"} and sum(seen.values()) == 30, seen
+        forced = complete(main_app, headers={"x-slimserve-variant": "broken"})
+        assert forced.status_code == 503 and "fp8" in forced.json()["error"]["message"]
+        q = 'max by (variant) (slimserve_variant_up{model="smollm2"})'
+        wait_for(lambda: by_variant(prometheus, q) == {"baseline": 1.0, "int8": 1.0, "broken": 0.0}, 90, "variant_up")
+        failed = wait_for(lambda: by_variant(prometheus, 'max by (variant) (slimserve_optimization_failed{model="smollm2"})').get("broken"),
+                          90, "optimization_failed gauge")
+        assert failed == 1.0
+    finally:
+        redeploy(main_app, session_cache)
+
+
 def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
     # Last in this module: the shadow and weight tests above make the shadow_* series exist.
     """Every slimserve_*, ray_vllm_* and ray_serve_* name in the Grafana dashboard and the alert
@@ -265,7 +291,8 @@ def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
     cpu_absent = {"slimserve_gpu_memory_used_bytes"}
     missing = {n for n in used - cpu_absent if n not in present}
     assert not missing, f"used by dashboard/alerts but not exported: {sorted(missing)}"
-    kv = promql(prometheus, "max by (model_name) (ray_vllm_kv_cache_usage_perc)")
+    # Over time: Ray drops a gauge that is not set again, and vLLM sets this one only while busy.
+    kv = promql(prometheus, "max by (model_name) (max_over_time(ray_vllm_kv_cache_usage_perc[30m]))")
     assert {dict(k)["model_name"] for k in kv} >= {"smollm2--baseline", "smollm2--int8"}
 
 
