@@ -523,7 +523,9 @@ def _stream_options(body, value: dict[str, Any]):
 
 
 async def _finish_after(iterator, timer: RequestTimer):
-    """Pass a streamed body through and record the request when it ends, however it ends."""
+    """Pass a streamed body through and record the request when it ends, however it ends. If the
+    engine fails mid-stream (its replica died, say), the stream ends with an OpenAI error event
+    and `[DONE]` rather than a cut connection, so clients see why."""
     status_label = "200"
     try:
         async for chunk in iterator:
@@ -531,8 +533,11 @@ async def _finish_after(iterator, timer: RequestTimer):
     except (asyncio.CancelledError, GeneratorExit):
         status_label = "cancelled"  # the client went away
         raise
-    except BaseException:
+    except Exception as e:
         status_label = "error"
-        raise
+        log.error("%s/%s: stream broke: %s", timer.labels["model"], timer.labels["variant"], e)
+        message = f"variant `{timer.labels['variant']}` failed mid-stream ({type(e).__name__}); retry the request"
+        error = {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}
+        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
     finally:
         timer.finish(status_label)

@@ -1,0 +1,76 @@
+"""A dying engine replica, end to end on the shared app: the stream it was serving ends with an
+OpenAI error event (not a cut connection), other requests go on, Serve restarts the replica,
+and no process of the dead engine is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def engine_cores() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name", "cmdline"]) if "VLLM::EngineCore" in " ".join(p.info["cmdline"] or [p.info["name"] or ""])]
+
+
+def baseline_pid(base_url: str) -> int | None:
+    """The baseline engine replica's process id, as it reports it in /v1/models."""
+    cards = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
+    engine = next(c["metadata"]["engine"] for c in cards if c["id"] == "smollm2--baseline")
+    return engine.get("pid")
+
+
+def test_a_replica_killed_mid_stream(main_app):
+    cores_before = len(engine_cores())
+    events: list[str] = []
+    first_token = threading.Event()
+
+    def stream():
+        body = {"model": "smollm2", "prompt": "Tell a very long story.", "max_tokens": 400, "stream": True,
+                "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", f"{main_app}/v1/completions", json=body,
+                          headers={"x-slimserve-variant": "baseline"}, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first_token.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert first_token.wait(120), "no token streamed"
+    pid = baseline_pid(main_app)
+    os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    t.join(300)
+    assert not t.is_alive()
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert "failed mid-stream" in error["message"] and "baseline" in error["message"]
+    assert len(events) < 400  # it really was cut short
+
+    # The public name keeps answering (the int8 variant, or the restarted baseline).
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2}, timeout=120)
+    assert r.status_code in (200, 503), r.text
+    # Serve restarts the replica; forced requests succeed again.
+    t0 = time.monotonic()
+    while True:
+        r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2},
+                       headers={"x-slimserve-variant": "baseline"}, timeout=120)
+        if r.status_code == 200:
+            break
+        assert r.status_code in (429, 500, 503), r.text
+        assert time.monotonic() - t0 < 400, "the baseline replica did not come back"
+        time.sleep(3)
+    assert baseline_pid(main_app) not in (None, pid)
+    # No engine process of the killed replica is left (they would hold a core forever).
+    deadline = time.monotonic() + 60
+    while len(engine_cores()) > cores_before and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(engine_cores()) == cores_before, [p.info["cmdline"] for p in engine_cores()]
