@@ -13,15 +13,11 @@ that drift of the machine shows up as spread rather than as a difference between
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quant_cpu import throughput  # noqa: E402  (same engine script and binding as the quantization bench)
+from quant_cpu import throughput, write_result  # noqa: E402  (same engine script and binding as the quantization bench)
 
 from slimserve.optimizers.models import slimserve_home
 from slimserve.optimizers.pipeline import optimize
@@ -71,15 +67,7 @@ def main() -> None:
         for key in ("batch1_tok_s", "batch8_tok_s"):
             vals = [run[key] for run in row["runs"] if key in run]
             row[key] = round(sum(vals) / len(vals), 1) if vals else None
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores (engine bound to core 0)",
-        "command": "bench/prune_cpu.py",
-        "held_out": "fortunes (Debian fortunes-min), 16 x 256 tokens",
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, "bench/prune_cpu.py", rows)
 
 
 if __name__ == "__main__":

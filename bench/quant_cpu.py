@@ -56,6 +56,19 @@ def throughput(checkpoint: Path) -> dict:
     return json.loads(line[0][7:])
 
 
+def write_result(out: str, command: str, rows: dict) -> None:
+    """The raw results of a CPU serving benchmark, with the machine and the date."""
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores (engine bound to core 0)",
+        "command": command,
+        "held_out": "fortunes (Debian fortunes-min), 16 x 256 tokens",
+        "rows": rows,
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", default=str(slimserve_home() / "artifacts"))
@@ -77,15 +90,7 @@ def main() -> None:
             **throughput(r.path),
         }
         print(name, rows[name], flush=True)
-    result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores (engine bound to core 0)",
-        "command": "bench/quant_cpu.py",
-        "held_out": "fortunes (Debian fortunes-min), 16 x 256 tokens",
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, "bench/quant_cpu.py", rows)
 
 
 if __name__ == "__main__":
