@@ -13,7 +13,7 @@ DEFAULT_MODEL := $(SLIMSERVE_HOME)/models/SmolLM2-135M-Instruct/config.json
 HELD_OUT := /usr/share/games/fortunes/fortunes
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-gpu demo test test-fast clean
 
 setup: $(VENV)/.done $(OPT)/.done $(DEFAULT_MODEL) held-out prometheus
 
@@ -35,6 +35,22 @@ $(VENV)/.done: pyproject.toml requirements/cpu.txt requirements/cpu-constraints.
 $(OPT)/.done: pyproject.toml requirements/optimizer.txt requirements/optimizer-constraints.txt
 	test -x $(OPT)/bin/python || $(PYTHON) -m venv $(OPT)
 	$(OPT)/bin/pip install -q -r requirements/optimizer.txt -c requirements/optimizer-constraints.txt
+	$(OPT)/bin/pip install -q --no-deps -e .
+	touch $@
+
+# GPU hosts (NVIDIA, CUDA 13 driver): the same two environments with vLLM's CUDA build and Ray
+# 2.58.1 (requirements/gpu.txt says why these versions). Not run by `make test` or CI (no GPU).
+setup-gpu: $(VENV)/.gpu $(OPT)/.gpu
+
+$(VENV)/.gpu: pyproject.toml requirements/gpu.txt requirements/gpu-constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements/gpu.txt -c requirements/gpu-constraints.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+$(OPT)/.gpu: pyproject.toml requirements/optimizer-gpu.txt
+	test -x $(OPT)/bin/python || $(PYTHON) -m venv $(OPT)
+	$(OPT)/bin/pip install -q -r requirements/optimizer-gpu.txt
 	$(OPT)/bin/pip install -q --no-deps -e .
 	touch $@
 

@@ -60,8 +60,21 @@ def oneshot_and_save(base: Path, out: Path, recipe, calibration=None) -> None:
             num_calibration_samples=len(windows),
             max_seq_length=windows.shape[1],
         )
-    # Loaded from its path: llm-compressor looks for the tokenizer beside the model.
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    # Loaded from its path: llm-compressor looks for the tokenizer beside the model. Data-free
+    # schemes run where the weights are: on the GPU when one is free enough (seconds for an 8B
+    # model, minutes on CPU); with calibration llm-compressor moves layers to the GPU itself.
+    device = "cuda" if calibration is None and _gpu_holds(base) else None
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", **({"device_map": device} if device else {}))
     oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **kwargs)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
+
+
+def _gpu_holds(base: Path, headroom: float = 1.5) -> bool:
+    """A GPU is visible and has `headroom` x the checkpoint's bytes free."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    free, _ = torch.cuda.mem_get_info()
+    return free > headroom * sum(p.stat().st_size for p in base.glob("*.safetensors"))

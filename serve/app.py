@@ -21,6 +21,8 @@ from ray.serve.llm import LLMConfig, build_openai_app
 from .config import ModelSpec, SlimserveConfig, Variant, load_config
 from .ingress import SlimserveIngress
 from .onload import OptimizeOnLoad
+from .placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
+from .rayllm import experimental_configs
 from .server import SlimServer
 
 log = logging.getLogger("slimserve.app")
@@ -58,7 +60,40 @@ def _core_binder(n_cores: int, n_ranks: int):
     return take
 
 
-def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None) -> LLMConfig:
+def cluster_gpus() -> list[int]:
+    """GPUs per alive node of the Ray cluster this process is connected to ([] when not
+    connected, or before GPU nodes have joined)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+
+
+def engine_demands(cfg: SlimserveConfig) -> list[EngineDemand]:
+    """Every engine replica the config asks for, with its ranks and explicit GPU share."""
+    out = []
+    for model in cfg.models:
+        for variant in model.variants:
+            eng = model.engine_for(variant)
+            for r in range(model.deployment.replicas):
+                who = f"{model.name}/{variant.name}" + (f"#{r + 1}" if model.deployment.replicas > 1 else "")
+                out.append(EngineDemand(who, eng.tensor_parallel_size, eng.gpu_share))
+    return out
+
+
+def gpu_plan(cfg: SlimserveConfig, gpus: list[int]) -> tuple[dict[str, float], list[str]]:
+    """Each variant's GPU share (`model/variant` -> share) and the engines that cannot be placed
+    on `gpus` (GPUs per node) all at once, with why."""
+    demands = engine_demands(cfg)
+    shares = resolve_shares(demands, gpus)
+    problems = unplaceable(demands, shares, gpus) if gpus else []
+    return {who.split("#")[0]: share for who, share in shares.items()}, problems
+
+
+def llm_config_for(
+    cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None, gpu_share: float = 1.0
+) -> LLMConfig:
     eng = model.engine_for(variant)
     dep = model.deployment
     env = {"HF_HUB_OFFLINE": "1", **{k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}, **dep.env}
@@ -89,12 +124,12 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
         placement = {"bundles": [{"CPU": dep.num_cpus_per_worker}] * eng.tensor_parallel_size}
         actor_options["num_cpus"] = 0
     else:
-        # One GPU per rank, the whole tensor-parallel group on one node (ranks talk over NVLink,
-        # not the network; Ray Serve LLM's default PACK could spread them over pods).
-        placement = {
-            "bundles": [{"GPU": 1}] * eng.tensor_parallel_size,  # Ray Serve LLM's default bundles
-            "strategy": "STRICT_PACK",
-        }
+        # `gpu_share` of a GPU per rank (Ray Serve LLM turns a fraction into vLLM's per-worker GPU
+        # request), the whole tensor-parallel group on one node (ranks talk over NVLink, not the
+        # network; Ray Serve LLM's default PACK could spread them over pods). The memory share
+        # follows the GPU share unless the user set it.
+        placement = {"bundles": [{"GPU": gpu_share}] * eng.tensor_parallel_size, "strategy": "STRICT_PACK"}
+        engine_kwargs.setdefault("gpu_memory_utilization", memory_utilization(gpu_share))
     source = model.source
     return LLMConfig(
         model_loading_config={"model_id": model.model_id(variant), **({"model_source": source} if source != "default" else {})},
@@ -107,6 +142,7 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
         },
         runtime_env={"env_vars": env},
         placement_group_config=placement,
+        experimental_configs=experimental_configs(dep.stream_batching_interval_ms),
         server_cls=SlimServer,
         callback_config={
             "callback_class": OptimizeOnLoad,
@@ -124,15 +160,26 @@ def llm_config_for(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, acc
     )
 
 
-def build_from_config(cfg: SlimserveConfig) -> Application:
+def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Application:
+    """`gpus`: GPUs per node to plan GPU shares against; default: the connected Ray cluster's."""
     accel = accelerator()
     ranks = sum(m.engine_for(v).tensor_parallel_size for m in cfg.models for v in m.variants)
     bind = _core_binder(len(os.sched_getaffinity(0)), ranks) if accel == "cpu" else None
+    shares: dict[str, float] = {}
+    if accel == "gpu":
+        shares, problems = gpu_plan(cfg, cluster_gpus() if gpus is None else gpus)
+        for problem in problems:
+            # Not an error here: an autoscaler may still add GPU nodes. The ingress marks a
+            # variant whose replica is not scheduled (Serve's message, after 30 s) as
+            # `waiting_for_resources` with the reason; `slimserve run` refuses to start instead.
+            log.warning("slimserve: %s", problem)
+        log.info("slimserve: GPU shares %s", shares)
     llm_configs, splits = [], {}
     for model in cfg.models:
         splits[model.name] = []
         for variant in model.variants:
-            llm_configs.append(llm_config_for(cfg, model, variant, accel, bind))
+            share = shares.get(f"{model.name}/{variant.name}", 1.0)
+            llm_configs.append(llm_config_for(cfg, model, variant, accel, bind, gpu_share=share))
             splits[model.name].append(
                 {"variant": variant.name, "model_id": model.model_id(variant), "weight": variant.weight}
             )
@@ -159,7 +206,7 @@ def build_from_config(cfg: SlimserveConfig) -> Application:
             },
         }
     )
-    _pin_versions(app, cfg, ingress_kwargs)
+    _pin_versions(app, cfg, ingress_kwargs, shares)
     return app
 
 
@@ -168,7 +215,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps([version, obj], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[str, Any]) -> None:
+def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[str, Any], shares: dict[str, float]) -> None:
     """Give each deployment a version derived from what it runs, so that `serve.run` of a changed
     config (e.g. new weights) replaces only what changed: the ingress, not the engines. Without
     it every `serve.run` restarts every replica. (A RayService / `serve deploy` config derives
@@ -181,6 +228,7 @@ def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[s
                 "cache_dir": cfg.cache_dir,
                 "model": model.model_dump(mode="json", exclude={"variants", "sticky", "shadow"}),
                 "variant": variant.model_dump(mode="json", exclude={"weight"}),
+                "gpu_share": shares.get(f"{model.name}/{variant.name}"),
             }
             engines[model.model_id(variant)]._bound_deployment._version = _digest(spec)
     app._bound_deployment._version = _digest(ingress_kwargs)

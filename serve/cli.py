@@ -25,15 +25,17 @@ def _validate(args) -> int:
     for m in cfg.models:
         for v in m.variants:
             eng = m.engine_for(v)
-            print(f"  {m.name}/{v.name}: {v.optimization.method}, weight {v.weight:g}, tp {eng.tensor_parallel_size}")
+            share = "auto" if eng.gpu_share is None else f"{eng.gpu_share:g}"
+            print(f"  {m.name}/{v.name}: {v.optimization.method}, weight {v.weight:g}, tp {eng.tensor_parallel_size}, gpu_share {share}")
     return 0
 
 
 def _run(args) -> int:
-    from .local import deploy, local_cluster, say, wait_ready
+    from .local import check_fits, deploy, local_cluster, say, wait_ready
 
     cfg = load_config(args.config)
     with local_cluster(cfg, host=args.host, port=args.port, quiet=not args.verbose, metrics_port=args.metrics_port):
+        check_fits(cfg)
         deploy(cfg)
         secs = wait_ready(lambda line: say("  " + line))
         say(f"slimserve ready in {secs:.1f}s: OpenAI API at http://{args.host}:{args.port}/v1, "

@@ -52,7 +52,14 @@ class EngineSettings(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Compute dtype of unquantized layers.")
     enforce_eager: bool | None = Field(None, description="Skip graph capture. None: on for CPU hosts (much faster start), off on GPU.")
     cpu_kvcache_gib: float = Field(1.0, gt=0, description="KV cache size per engine on a CPU host (VLLM_CPU_KVCACHE_SPACE).")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is (e.g. gpu_memory_utilization).")
+    gpu_share: float | None = Field(
+        None, gt=0, le=1,
+        description="GPU hosts: the share of one GPU each rank of this engine takes — Ray's fractional GPU "
+        "resource, and vLLM's memory share (gpu_memory_utilization = 0.9 x share). None (auto): a whole GPU per "
+        "rank when the cluster has a GPU for every engine, else the GPUs are split evenly between the engines "
+        "(an A/B of two variants on one GPU: 0.5 each). Tensor parallelism (size > 1) takes whole GPUs.",
+    )
+    extra: dict[str, Any] = Field(default_factory=dict, description="Any other vLLM engine argument, passed as is (e.g. compilation_config).")
 
     @field_validator("extra")
     @classmethod
@@ -61,6 +68,21 @@ class EngineSettings(_Strict):
         if bad:
             raise ValueError(f"{sorted(bad)} are set by slimserve from the model source and variant")
         return v
+
+    @model_validator(mode="after")
+    def _gpu_share_fits(self) -> "EngineSettings":
+        if self.gpu_share is not None and self.gpu_share < 1 and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"gpu_share {self.gpu_share:g} with tensor_parallel_size {self.tensor_parallel_size}: the ranks of a "
+                "tensor-parallel engine need whole GPUs (Ray could put two ranks on one GPU); drop gpu_share or set it to 1"
+            )
+        util = self.extra.get("gpu_memory_utilization")
+        if self.gpu_share is not None and isinstance(util, (int, float)) and util > self.gpu_share:
+            raise ValueError(
+                f"extra.gpu_memory_utilization {util:g} is more than gpu_share {self.gpu_share:g}: the engine would take "
+                "memory its GPU neighbours were promised; leave it out (slimserve sets 0.9 x gpu_share) or lower it"
+            )
+        return self
 
 
 class DeploymentSettings(_Strict):
@@ -79,6 +101,13 @@ class DeploymentSettings(_Strict):
         "cores, so engines never share one (sharing a core slows vLLM CPU 20-30x).",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the replicas.")
+    stream_batching_interval_ms: float = Field(
+        0, ge=0, le=1000,
+        description="How long the engine replica gathers a streamed answer's chunks before sending them on "
+        "(Ray Serve LLM's stream_batching_interval_ms, 50 there by default). 0: each chunk as soon as the engine "
+        "makes it (time to first token as the bare engine's); a few ms trades per-token latency for fewer messages "
+        "at high concurrency.",
+    )
 
 
 class Variant(_Strict):
@@ -154,6 +183,20 @@ class ModelSpec(_Strict):
         if sum(x.weight for x in v) <= 0:
             raise ValueError("all variant weights are 0: at least one must be positive")
         return v
+
+    @model_validator(mode="after")
+    def _variant_engines(self) -> "ModelSpec":
+        # A variant's overrides are checked alone above; here the merged settings (e.g. the model's
+        # tensor_parallel_size with the variant's gpu_share), reported at the variant's path.
+        for i, v in enumerate(self.variants):
+            try:
+                self.engine_for(v)
+            except ValidationError as e:
+                raise ValueError(
+                    f"variants.{i}.engine (merged with the model's engine): "
+                    + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                ) from None
+        return self
 
     @model_validator(mode="after")
     def _shadow_is_a_variant(self) -> "ModelSpec":

@@ -21,16 +21,16 @@ from fastapi import HTTPException, Request, status
 from pydantic import TypeAdapter
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
-from ray.llm._internal.serve.core.ingress.middleware import get_request_id
-from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 
 from .ab import TrafficSplit, VariantRoute
 from .config import RequestLimits
+from .health import HealthBoard
 from .metrics import metric
+from .rayllm import ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error
 
 log = logging.getLogger("slimserve.ingress")
 
@@ -40,6 +40,7 @@ USER_HEADER = "x-slimserve-user"
 # label values, and it may carry anything the client typed).
 UNKNOWN_MODEL = "unknown"
 GAUGE_REFRESH_S = 5.0
+LISTING_WAIT_S = 1.0
 
 
 @dataclass
@@ -191,12 +192,13 @@ class SlimserveIngress(OpenAiIngress):
         self._probe_interval = health_probe_interval_s
         self._probe_task: asyncio.Task | None = None
         self._timers: dict[int, RequestTimer] = {}
-        # model id -> why, for variants that failed to load or fail their health check.
-        self._down: dict[str, str] = {}
+        handles = self._default_serve_handles
+        app_name = next(iter(handles.values())).app_name if handles else None
+        self._health = HealthBoard(handles, app_name, serve.status)
 
     # --- choosing the variant -------------------------------------------------------------
 
-    def _route(self, body, request: Request) -> Target:
+    async def _route(self, body, request: Request) -> Target:
         """Rewrite body.model to the chosen variant's model id."""
         # Errors are raised as OpenAIHTTPException, which Ray Serve LLM's middleware turns into
         # OpenAI's {"error": {...}} shape (FastAPI's HTTPException would answer {"detail": ...}).
@@ -204,6 +206,7 @@ class SlimserveIngress(OpenAiIngress):
             body.model = next(iter(self._splits))
         if body.model in self._by_model_id:
             name, route = self._by_model_id[body.model]
+            await self._health.refresh_if_stale([route.model_id])
             self._refuse_if_down(name, route)
             return Target(name, route.variant)
         split = self._splits.get(body.model)
@@ -226,14 +229,17 @@ class SlimserveIngress(OpenAiIngress):
                     f"model `{name}` has no variant `{forced}` (has: {', '.join(split.routes)})",
                     "invalid_request_error",
                 )
+            await self._health.refresh_if_stale([route.model_id])
             self._refuse_if_down(name, route)
         else:
             user = request.headers.get(USER_HEADER) or getattr(body, "user", None)
-            down = {self._by_model_id[m][1].variant for m in self._down if self._by_model_id[m][0] == name}
+            await self._health.refresh_if_stale([r.model_id for r in split.routes.values()])
+            down = {r.variant for r in split.routes.values() if not self._health.state_of(r.model_id).available}
             route = split.pick(user if self._sticky.get(name, True) else None, exclude=down)
             if route is None:
+                why = "; ".join(f"{r.variant}: {self._health.state_of(r.model_id).describe()}" for r in split.routes.values() if r.weight > 0)
                 raise OpenAIHTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE, f"no variant of `{name}` is available", "ServiceUnavailable"
+                    status.HTTP_503_SERVICE_UNAVAILABLE, f"no variant of `{name}` is available ({why})", "ServiceUnavailable"
                 )
         body.model = route.model_id
         shadow = self._shadows.get(name)
@@ -241,11 +247,11 @@ class SlimserveIngress(OpenAiIngress):
         return Target(name, route.variant, shadow_id)
 
     def _refuse_if_down(self, name: str, route: VariantRoute) -> None:
-        reason = self._down.get(route.model_id)
-        if reason is not None:
+        health = self._health.state_of(route.model_id)
+        if not health.available:
             raise OpenAIHTTPException(
                 status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"variant `{route.variant}` of `{name}` is not available: {reason}",
+                f"variant `{route.variant}` of `{name}` is not available: {health.describe()}",
                 "ServiceUnavailable",
             )
 
@@ -294,7 +300,7 @@ class SlimserveIngress(OpenAiIngress):
         requested = body.model
         try:
             self._check_limits(body)
-            target = self._route(body, request)
+            target = await self._route(body, request)
         except OpenAIHTTPException as e:
             model = requested if requested in self._splits else UNKNOWN_MODEL
             metric("slimserve_requests_total").inc(1, tags={"model": model, "variant": "", "status": str(e.status_code)})
@@ -406,74 +412,66 @@ class SlimserveIngress(OpenAiIngress):
         self._ensure_probe()  # Serve calls this periodically: the probe runs without traffic too
 
     async def _probe_forever(self) -> None:
-        up: dict[str, int] = {}
         last_probe = -float("inf")
         while True:
             if time.monotonic() - last_probe >= self._probe_interval:
                 last_probe = time.monotonic()
-                reasons = dict(zip(self._by_model_id, await asyncio.gather(*map(self._probe, self._by_model_id))))
-                self._down = {m: why for m, why in reasons.items() if why is not None}
-                up = {m: int(why is None) for m, why in reasons.items()}
+                try:
+                    await self._health.refresh()
+                except Exception as e:  # the probe must outlive any one bad round
+                    log.warning("variant health refresh failed: %s", e)
             # Every gauge is set on each round: Ray drops a gauge that is not set for a while.
             for model_id, (name, route) in self._by_model_id.items():
                 labels = {"model": name, "variant": route.variant}
-                metric("slimserve_variant_up").set(up[model_id], tags=labels)
+                metric("slimserve_variant_up").set(int(self._health.state_of(model_id).available), tags=labels)
                 metric("slimserve_traffic_weight").set(route.weight, tags=labels)
                 metric("slimserve_requests_in_flight").set(_in_flight.get(labels), tags=labels)
-            await asyncio.sleep(GAUGE_REFRESH_S)
-
-    async def _probe(self, model_id: str) -> str | None:
-        """None when the variant can serve, else why not."""
-        handle = self._default_serve_handles[model_id]
-        try:
-            info = await asyncio.wait_for(handle.slimserve_info.remote(), timeout=5)
-            if info.get("failed"):
-                return f"failed to load: {info['failed']}"
-            await asyncio.wait_for(handle.check_health.remote(), timeout=5)
-            return None
-        except Exception as e:
-            return f"not answering its health check ({type(e).__name__})"
+            await asyncio.sleep(min(GAUGE_REFRESH_S, self._probe_interval))
 
     # --- /v1/models -----------------------------------------------------------------------
 
     def _public_card(self, name: str) -> ModelCard:
         routes = self._splits[name].routes.values()
         total = sum(r.weight for r in routes)
-        variants = [
-            {
+        variants = []
+        for r in routes:
+            health = self._health.state_of(r.model_id)
+            variants.append({
                 "variant": r.variant, "model_id": r.model_id, "weight": r.weight,
                 "traffic_share": round(r.weight / total, 4),
-                "available": r.model_id not in self._down,
-                **({"unavailable_because": self._down[r.model_id]} if r.model_id in self._down else {}),
-            }
-            for r in routes
-        ]
+                "state": health.state.value,
+                "available": health.available,
+                **({"unavailable_because": health.describe()} if not health.available else {}),
+            })
         meta = {"variants": variants, "sticky": self._sticky.get(name, True), "shadow": self._shadows.get(name)}
         return ModelCard(id=name, object="model", owned_by="slimserve", permission=[], metadata=meta)
 
-    async def _engine_info(self, model_id: str) -> dict[str, Any]:
-        try:
-            handle = self._default_serve_handles[model_id]
-            return await asyncio.wait_for(handle.slimserve_info.remote(), timeout=5)
-        except Exception as e:  # a variant that is down must not break the listing
-            return {"error": f"{type(e).__name__}: {e}"}
-
     async def model(self, model_id: str) -> ModelCard | None:
+        """Answers from what the ingress already knows (the health board, refreshed in the
+        background): never waits on an engine, so it answers while variants are still loading."""
+        self._ensure_probe()
+        # At most LISTING_WAIT_S for news of variants not ready yet: the listing answers at once
+        # even when an engine does not, and shows a variant that just came up as ready.
+        await self._health.refresh_if_stale(list(self._by_model_id), any_down=True, wait_s=LISTING_WAIT_S)
         if model_id in self._splits:
             return self._public_card(model_id)
         card = await super().model(model_id)
         if card is not None and model_id in self._by_model_id:
             name, route = self._by_model_id[model_id]
-            engine = await self._engine_info(model_id)
-            card = card.model_copy(
-                update={"metadata": {**card.metadata, "public_name": name, "variant": route.variant, "engine": engine}}
-            )
+            health = self._health.state_of(model_id)
+            meta = {
+                **card.metadata, "public_name": name, "variant": route.variant, "state": health.state.value,
+                **({"unavailable_because": health.describe()} if not health.available else {}),
+                "engine": health.engine,
+            }
+            card = card.model_copy(update={"metadata": meta})
         return card
 
     async def models(self) -> ModelList:
-        """Public names first (their variants and weights in metadata), then each variant's card
-        with what its engine reports (checkpoint, quantization, dtype, tensor parallel size)."""
-        variant_cards = await asyncio.gather(*(self.model(m) for m in self._model_cards))
+        """Public names first (their variants, weights and states in metadata), then each
+        variant's card with what its running engine reported (checkpoint, quantization, dtype,
+        tensor parallel size); a variant still loading has an empty `engine`."""
+        variant_cards = [await self.model(m) for m in self._model_cards]
         public = [self._public_card(name) for name in self._splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])
 

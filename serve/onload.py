@@ -8,10 +8,10 @@ import asyncio
 import logging
 from typing import Any
 
-from ray.llm._internal.common.callbacks.base import CallbackBase
-
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.registry import parse
+
+from .rayllm import CallbackBase
 
 log = logging.getLogger("slimserve.onload")
 

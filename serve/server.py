@@ -5,10 +5,13 @@ and the per-variant memory, optimization and quality metrics."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import struct
+import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +24,43 @@ log = logging.getLogger("slimserve.server")
 METRICS_INTERVAL_S = 5.0
 
 
+# One engine start at a time per node on GPU hosts (a node-local lock file: /tmp is per pod in
+# Kubernetes). vLLM sizes its KV cache from the GPU memory it sees free while it profiles; a
+# neighbour loading weights or optimizing on the same GPU at that moment makes it take too much
+# or fail ("Error in memory profiling").
+ENGINE_START_LOCK = Path(os.environ.get("SLIMSERVE_ENGINE_START_LOCK", "/tmp/slimserve-engine-start.lock"))
+
+
+@asynccontextmanager
+async def one_start_per_node(who: str, enabled: bool, timings: dict[str, float]):
+    """Holds the node's engine-start lock (when `enabled`); records the wait in `timings`."""
+    if not enabled:
+        yield
+        return
+    fd = os.open(ENGINE_START_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        t0 = time.monotonic()
+        # flock in a thread: the replica's event loop stays free while it waits.
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        timings["start_lock_wait_seconds"] = round(time.monotonic() - t0, 3)
+        if timings["start_lock_wait_seconds"] > 1:
+            log.info("%s: waited %.1f s for other engines on this node to start", who, timings["start_lock_wait_seconds"])
+        yield
+    finally:
+        os.close(fd)  # releases the lock, as does the process's death
+
+
 class SlimServer(LLMServer):
     failure: str | None = None
 
     async def start(self):
+        kw = self._llm_config.callback_config.callback_kwargs
+        self.timings: dict[str, float] = {}
+        t0 = time.monotonic()
         try:
-            await super().start()
+            # The on-load step (optimizing) runs inside start(), before the engine: both hold the lock.
+            async with one_start_per_node(f"{kw.get('model')}/{kw.get('variant')}", kw.get("accelerator") == "gpu", self.timings):
+                await super().start()
         except Exception:
             failure = self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve_failure")
             if failure is None or self._llm_config.callback_config.callback_kwargs.get("required"):
@@ -38,6 +72,8 @@ class SlimServer(LLMServer):
             self.failure = failure
             self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
             return
+        # Replica start to engine ready: lock wait + on-load step + engine start.
+        self.timings["start_seconds"] = round(time.monotonic() - t0, 3)
         prep = self._prepared()
         if prep:
             cache = {True: "hit", False: "miss"}.get(prep.get("cache_hit"), "none")
@@ -93,7 +129,7 @@ class SlimServer(LLMServer):
         """Facts from the live vLLM engine and the on-load step, for /v1/models and tests."""
         engine_client = getattr(self.engine, "_engine_client", None)
         vllm_config = getattr(engine_client, "vllm_config", None)
-        info: dict[str, Any] = {"optimization": self._prepared(), "pid": os.getpid()}
+        info: dict[str, Any] = {"optimization": self._prepared(), "pid": os.getpid(), "timings": getattr(self, "timings", {})}
         if self.failure:
             info["failed"] = self.failure
         if vllm_config is not None:
@@ -105,6 +141,9 @@ class SlimServer(LLMServer):
                 max_model_len=mc.max_model_len,
                 tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
                 device=str(vllm_config.device_config.device_type),
+                # The KV cache the engine sized for itself (its memory share, minus weights and activations).
+                kv_cache_tokens=(vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size,
+                gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
             )
         return info
 

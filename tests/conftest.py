@@ -12,6 +12,10 @@ import pytest
 # Nothing may come from a model hub, in this process or in any Ray worker it starts.
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parent.parent
+# Serve reports a replica that is not scheduled after 30 s by default; 5 s keeps the
+# unschedulable-variant test short. Set before the session's cluster starts (its controller reads it).
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "5")
+os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "5")
 os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
 
 

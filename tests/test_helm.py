@@ -135,6 +135,23 @@ def test_gpu_worker_count(gpus, tps, replicas, workers):
     assert group["replicas"] == workers
 
 
+@pytest.mark.parametrize(
+    "shares, workers",
+    [
+        ([0.5, 0.5], 1),  # an A/B of two half-GPU variants: one 1-GPU pod
+        ([0.5, 0.5, 0.5], 2),  # a third half does not fit beside them
+        ([0.3, None], 2),  # unset = a whole GPU, which does not share
+    ],
+)
+def test_gpu_worker_count_with_gpu_shares(shares, workers):
+    values = _gpu_values(1, [1] * len(shares))
+    for variant, share in zip(values["slimserve"]["models"][0]["variants"], shares):
+        if share is not None:
+            variant["engine"]["gpu_share"] = share
+    group = one(render(values), "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert group["replicas"] == workers
+
+
 def test_cpu_worker_count_uses_cpus_per_rank():
     values = _gpu_values(1, [2, 2])
     values.update(accelerator="cpu", workers={"cpus": 4})

@@ -47,8 +47,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 Worker pods needed by the variants. Every engine replica is one tensor-parallel group of
-tensor_parallel_size ranks (gpu: 1 GPU per rank; cpu: num_cpus_per_worker CPUs per rank) that
-must fit inside one pod. Groups of one size are packed floor(capacity / size) to a pod; sizes
+tensor_parallel_size ranks (gpu: gpu_share of a GPU per rank, 1 when unset; cpu: num_cpus_per_worker
+CPUs per rank) that must fit inside one pod. Groups of one size are packed floor(capacity / size) to a pod; sizes
 are not mixed, which over-counts a little at worst and never strands a group.
 */}}
 {{- define "slimserve.workerCount" -}}
@@ -59,11 +59,13 @@ are not mixed, which over-counts a little at worst and never strands a group.
 {{- $groups := dict -}}
 {{- range $m := .Values.slimserve.models -}}
 {{- $modelTp := dig "engine" "tensor_parallel_size" 1 $m -}}
+{{- $modelShare := dig "engine" "gpu_share" 1 $m | default 1 -}}
 {{- $replicas := dig "deployment" "replicas" 1 $m -}}
 {{- $cpusPerRank := dig "deployment" "num_cpus_per_worker" 1 $m -}}
 {{- range $v := $m.variants -}}
 {{- $tp := dig "engine" "tensor_parallel_size" $modelTp $v -}}
-{{- $size := ternary (float64 $tp) (mulf $tp $cpusPerRank) $gpu -}}
+{{- $share := dig "engine" "gpu_share" $modelShare $v | default 1 -}}
+{{- $size := ternary (mulf $tp $share) (mulf $tp $cpusPerRank) $gpu -}}
 {{- if gt $size $capacity -}}
 {{- fail (printf "model %s, variant %s: tensor_parallel_size %v needs %v %s inside one worker pod, but %s is %v. Raise %s or lower tensor_parallel_size (a tensor-parallel group never spans pods)." $m.name $v.name $tp $size $unit $capacityKey $capacity $capacityKey) -}}
 {{- end -}}
