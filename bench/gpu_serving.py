@@ -97,12 +97,13 @@ def make_model(name: str, path: Path) -> dict:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(ARGS.tokenizer)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=False,
-                      torch_dtype="bfloat16", **SHAPES[name])
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=False, **SHAPES[name])
     t0 = time.monotonic()
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(path)
     tok.save_pretrained(path)
