@@ -397,9 +397,7 @@ def phase_plain(R: dict) -> None:
     proc = popen([sys.executable, "-c", PLAIN % (PORT, COMPILATION, MAX_MODEL_LEN), str(WORK / "llama8b")], WORK / "plain.log")
     try:
         R["plain_ray_serve_llm"] = {"ready_seconds": round(wait_models(proc, {"m"}, max(60, left() - 20)), 1)}
-        rs, _ = asyncio.run(closed_loop("m", 1, LOAD["c1"], 16))
-        R["plain_ray_serve_llm"]["ttft_c1_p50_ms"] = round(1000 * statistics.median(r["ttft"] for r in rs), 1)
-        R["plain_ray_serve_llm"]["ttft_c1_p95_ms"] = round(1000 * pct([r["ttft"] for r in rs], 0.95), 1)
+        R["plain_ray_serve_llm"].update(measure("m"))
     finally:
         stop(proc)
 

@@ -129,6 +129,11 @@ def llm_config_for(
         # network; Ray Serve LLM's default PACK could spread them over pods). The memory share
         # follows the GPU share unless the user set it.
         placement = {"bundles": [{"GPU": gpu_share}] * eng.tensor_parallel_size, "strategy": "STRICT_PACK"}
+        if gpu_share < 1:
+            # vLLM's Ray executor asks for this much GPU per worker (1 by default: it would never
+            # fit the fractional bundle). Ray Serve LLM derives it from the bundles only on a path
+            # its deployment builder does not take (seen with Ray 2.58.1 + vLLM 0.26 on an H200).
+            env["VLLM_RAY_PER_WORKER_GPUS"] = f"{gpu_share:g}"
         engine_kwargs.setdefault("gpu_memory_utilization", memory_utilization(gpu_share))
     source = model.source
     return LLMConfig(
