@@ -38,6 +38,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def folder_digest(folder: Path, skip: Callable[[Path], bool] = lambda rel: False, file_sha: Callable[[Path], str] = sha256_file) -> str:
+    """One sha256 over (relative path, sha256) of every file below `folder` that `skip(relative path)` does not leave out."""
+    h = hashlib.sha256()
+    for p in sorted(x for x in folder.rglob("*") if x.is_file()):
+        if not skip(rel := p.relative_to(folder)):
+            h.update(f"{rel.as_posix()}\0{file_sha(p)}\n".encode())
+    return h.hexdigest()
+
+
 def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file below `folder` (the manifest itself excluded)."""
     return {
@@ -75,8 +84,6 @@ def verify(folder: Path) -> dict[str, Any]:
     if extra:
         raise CorruptArtifact(f"{folder}: files not in the manifest: {sorted(extra)}")
     return manifest
-
-
 
 
 class ArtifactCache:

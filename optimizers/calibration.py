@@ -40,14 +40,14 @@ def load_text(name: str) -> str:
     return Path(name).expanduser().read_text(encoding="utf-8", errors="replace")
 
 
-def token_windows(name: str, tokenizer, count: int, seq_len: int):
-    """Up to `count` consecutive, non-overlapping windows of `seq_len` token ids (a LongTensor)."""
+def token_windows(name: str, tokenizer, count: int | None, seq_len: int):
+    """Up to `count` (None: all) consecutive, non-overlapping windows of `seq_len` token ids (a LongTensor)."""
     import torch
 
     # ~4 characters a token: tokenize only what the windows need (with a safety margin).
-    text = load_text(name)[: count * seq_len * 8]
+    text = load_text(name)[: count * seq_len * 8 if count is not None else None]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = min(count, len(ids) // seq_len)
+    n = len(ids) // seq_len if count is None else min(count, len(ids) // seq_len)
     if n == 0:
         raise ValueError(f"text {name!r} is shorter than one window of {seq_len} tokens")
     return ids[: n * seq_len].view(n, seq_len).to(torch.long)

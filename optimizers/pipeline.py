@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cache import ArtifactCache, sha256_file
+from .cache import ArtifactCache, folder_digest, sha256_file
 from .calibration import Calibration, load_text
 from .models import resolve_source
 from .quality import HeldOut, QualityGate, QualityGateFailed  # noqa: F401 (re-exported)
 from .registry import Optimization, parse
+from .worker import RESULT_PREFIX
 
 log = logging.getLogger(__name__)
-
-RESULT_PREFIX = "SLIMSERVE_RESULT "
 
 
 @dataclass
@@ -80,21 +79,22 @@ def base_digest(base: Path, memo_dir: Path) -> str:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
-    h = hashlib.sha256()
-    changed = False
-    for p in sorted(x for x in base.rglob("*") if x.is_file()):
+    known = len(memo)
+
+    def memoized_sha256(p: Path) -> str:
         st = p.stat()
-        memo_key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-        if memo_key not in memo:
-            memo[memo_key] = sha256_file(p)
-            changed = True
-        h.update(f"{p.relative_to(base).as_posix()}\0{memo[memo_key]}\n".encode())
-    if changed:
+        key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in memo:
+            memo[key] = sha256_file(p)
+        return memo[key]
+
+    digest = folder_digest(base, file_sha=memoized_sha256)
+    if len(memo) > known:
         memo_dir.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, memo_file)
-    return h.hexdigest()
+    return digest
 
 
 def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held_out: HeldOut | None = None) -> str:

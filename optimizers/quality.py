@@ -31,25 +31,31 @@ class HeldOut(BaseModel):
 
 
 def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
-    """exp(mean next-token loss) over `windows` windows of `seq_len` tokens, in fp32 on CPU
-    (or the first GPU when there is one)."""
+    """Perplexity of a checkpoint folder, loaded in fp32 on CPU (or the first GPU when there is one)."""
     import torch
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to("cuda" if torch.cuda.is_available() else "cpu")
+    return model_perplexity(model, AutoTokenizer.from_pretrained(checkpoint), held_out, checkpoint)
+
+
+def model_perplexity(model, tokenizer, held_out: HeldOut, checkpoint: Path | None = None) -> float:
+    """exp(mean next-token loss) over `windows` windows of `seq_len` tokens, on the model's device.
+    With the `checkpoint` it came from: a progress bar, and the result logged."""
+    import torch
+    from tqdm import tqdm
+
     windows = token_windows(held_out.text, tokenizer, held_out.windows, held_out.seq_len)
-    n = len(windows)
-    t0 = time.monotonic()
-    total = 0.0
+    device, was_training, t0, total = next(model.parameters()).device, model.training, time.monotonic(), 0.0
+    model.eval()
     with torch.no_grad():
-        for w in tqdm(windows, desc=f"perplexity {checkpoint.name[:16]}", unit="window"):
+        for w in tqdm(windows, desc=f"perplexity {checkpoint and checkpoint.name[:16]}", unit="window", disable=checkpoint is None):
             w = w.unsqueeze(0).to(device)
-            total += model(w, labels=w).loss.item()
-    ppl = math.exp(total / n)
-    log.info("perplexity of %s: %.3f (%d x %d tokens, %.1f s)", checkpoint, ppl, n, held_out.seq_len, time.monotonic() - t0)
+            total += model(w, labels=w).loss.float().item()
+    model.train(was_training)
+    ppl = math.exp(total / len(windows))
+    if checkpoint is not None:
+        log.info("perplexity of %s: %.3f (%d x %d tokens, %.1f s)", checkpoint, ppl, len(windows), held_out.seq_len, time.monotonic() - t0)
     return ppl
 
 

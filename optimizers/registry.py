@@ -2,7 +2,7 @@
 
 Each method is a pydantic model of its own parameters (what a user writes under a variant's
 `optimization:` key) with a `run(base, out)` that writes an optimized Hugging Face checkpoint into
-`out`. Adding a method is adding one file and its name to `_METHOD_MODULES`.
+`out`. Adding a method is adding one file to this package that applies `@register` to its class.
 
 Method modules import their heavy libraries (torch, llm-compressor) inside `run`, so that the
 registry and the config schema load fast and in any environment.
@@ -10,14 +10,13 @@ registry and the config schema load fast and in any environment.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
-
-# Modules of slimserve.optimizers that each define one registered method.
-_METHOD_MODULES = ("none", "w8a8", "gptq", "rtn", "fp8", "structured", "sparsity", "student")
 
 _REGISTRY: dict[str, type["Optimization"]] = {}
 
@@ -58,11 +57,17 @@ def register(cls: type[Optimization]) -> type[Optimization]:
     return cls
 
 
+@functools.cache
+def _import_method_modules() -> None:
+    # A method module has a line `@register`: read from the source, so only method modules are imported.
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if re.search(r"^@register\b", path.read_text(encoding="utf-8"), re.MULTILINE):
+            importlib.import_module(f"{__package__}.{path.stem}")
+
+
 def methods() -> dict[str, type[Optimization]]:
     """All registered methods by name."""
-    if not _REGISTRY:
-        for module in _METHOD_MODULES:
-            importlib.import_module(f"{__package__}.{module}")
+    _import_method_modules()
     return dict(_REGISTRY)
 
 

@@ -9,7 +9,7 @@ down_proj. The result is a plain Llama-family checkpoint with a smaller config.
 Depth pruning (`layers_keep`) drops whole decoder layers, those that change their input least
 on calibration text (block influence, 1 - cos(input, output); Men et al., 2024, ShortGPT).
 
-`heal` then distills the unpruned model into the pruned one for a few steps (optimizers/distill.py)
+`heal` then distills the unpruned model into the pruned one for a few steps (kd_trainer.py)
 and reports held-out perplexity before and after healing.
 """
 
@@ -21,8 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .calibration import Calibration
-from .distill import DistillArgs
-from .quality import HeldOut
+from .kd_trainer import DistillArgs, distill
+from .quality import HeldOut, model_perplexity
 from .registry import Optimization, register
 
 
@@ -128,7 +128,7 @@ class StructuredPrune(Optimization):
         pruned.load_state_dict(state, strict=True)
         pruned.generation_config = model.generation_config
         healing = self._heal(model, pruned, tokenizer, out) if self.heal else None
-        pruned.to(_saved_dtype(base))  # importance was measured in fp32; save as the base was
+        pruned.to(saved_dtype(base))  # importance was measured in fp32; save as the base was
         pruned.save_pretrained(out)
         tokenizer.save_pretrained(out)
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -145,8 +145,6 @@ class StructuredPrune(Optimization):
 
     def _heal(self, teacher, student, tokenizer, out: Path) -> dict[str, Any]:
         import shutil
-
-        from .distill import distill, model_perplexity
 
         measure = self.heal_eval.available()
         before = model_perplexity(student, tokenizer, self.heal_eval) if measure else None
@@ -177,11 +175,12 @@ def _renumber_layers(state: dict, keep: list[int]) -> dict:
     return out
 
 
-def _saved_dtype(base: Path):
+def saved_dtype(checkpoint: Path):
+    """The dtype `checkpoint` was saved in (bfloat16 when its config does not say)."""
     import json
 
     import torch
 
-    config = json.loads((base / "config.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
     return getattr(torch, str(name).removeprefix("torch."), torch.bfloat16)

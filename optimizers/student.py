@@ -14,7 +14,6 @@ gate (perplexity ratio to the teacher) applies as for quantization.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,9 +21,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .distill import DistillArgs
+from .cache import folder_digest
+from .calibration import Calibration
+from .kd_trainer import DistillArgs, agreement, distill, save_student
 from .quality import HeldOut
 from .registry import Optimization, register
+from .structured import StructuredPrune, saved_dtype
+from .student_init import init_student
 
 
 class StudentRecipe(BaseModel):
@@ -66,18 +69,11 @@ class Student(Optimization):
     def input_digest(self) -> str | None:
         """Content hash of the student checkpoint (a changed student is a new artifact)."""
         if self.path is None:  # a recipe: the training text is its input
-            from .calibration import Calibration
-
             return Calibration(text=self.recipe.distill.text).digest()
-        from .cache import sha256_file
-
         root = Path(self.path).expanduser()
         if not (root / "config.json").exists():
             raise FileNotFoundError(f"student {self.path}: no config.json (not a Hugging Face checkpoint folder)")
-        h = hashlib.sha256()
-        for p in sorted(x for x in root.rglob("*") if x.is_file() and "checkpoints" not in x.relative_to(root).parts):
-            h.update(f"{p.relative_to(root).as_posix()}\0{sha256_file(p)}\n".encode())
-        return h.hexdigest()
+        return folder_digest(root, skip=lambda rel: "checkpoints" in rel.parts)  # training checkpoints are not served
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         import torch
@@ -99,8 +95,6 @@ class Student(Optimization):
             report["distill"] = self._make(base, out, tokenizer)
         teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        from .distill import agreement
-
         if self.agreement.available():
             report["agreement"] = {**agreement(teacher, student, tokenizer, self.agreement), "held_out": self.agreement.model_dump()}
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -109,26 +103,16 @@ class Student(Optimization):
 
     def _make(self, base: Path, out: Path, tokenizer) -> dict[str, Any]:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .distill import distill, save_student
-        from .structured import StructuredPrune, _saved_dtype
+        from transformers import AutoModelForCausalLM
 
         r = self.recipe
+        prune = StructuredPrune.model_validate({**r.prune, "method": "structured"}) if r.prune is not None else None
         work = out.parent / (out.name + ".student-work")
         try:
-            if r.prune is not None:
-                StructuredPrune.model_validate({**r.prune, "method": "structured"}).run(base, work / "init")
-                student = AutoModelForCausalLM.from_pretrained(work / "init", dtype=torch.float32)
-            else:
-                cfg = AutoConfig.from_pretrained(base)
-                for k, v in r.config.items():
-                    setattr(cfg, k, v)
-                torch.manual_seed(r.distill.seed)
-                student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+            student = init_student(base, prune, r.config, r.distill.seed, work / "init")
             teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
             train = distill(teacher, student, tokenizer, r.distill, work / "checkpoints")
-            save_student(student.cpu(), tokenizer, out, _saved_dtype(base))
+            save_student(student.cpu(), tokenizer, out, saved_dtype(base))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         train.pop("history", None)

@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from .pipeline import RESULT_PREFIX
 from .quality import HeldOut, perplexity
 from .registry import parse
+
+RESULT_PREFIX = "SLIMSERVE_RESULT "  # starts the report line on stdout (pipeline.optimize reads it)
 
 
 def main(argv: list[str]) -> int:

@@ -50,7 +50,7 @@ def report(out: Path) -> dict:
 def test_kd_loss_is_ce_at_alpha_0_and_zero_kl_for_equal_logits():
     import torch
 
-    from slimserve.optimizers.distill import kd_loss
+    from slimserve.optimizers.kd_trainer import kd_loss
 
     torch.manual_seed(0)
     logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
