@@ -102,11 +102,11 @@ class DeploymentSettings(_Strict):
     )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the replicas.")
     stream_batching_interval_ms: float = Field(
-        0, ge=0, le=1000,
-        description="How long the engine replica gathers a streamed answer's chunks before sending them on "
-        "(Ray Serve LLM's stream_batching_interval_ms, 50 there by default). 0: each chunk as soon as the engine "
-        "makes it (time to first token as the bare engine's); a few ms trades per-token latency for fewer messages "
-        "at high concurrency.",
+        50, ge=0, le=1000,
+        description="How long the engine replica gathers a streamed answer's chunks before sending them on, "
+        "after the first chunk, which always leaves at once (time to first token stays the engine's). 50 (Ray "
+        "Serve LLM's own interval) keeps throughput at high concurrency; 0 sends every token as its own message "
+        "(smoothest stream, but 0.29x the output tokens/s of the bare engine at 64 streams on an H200).",
     )
 
 

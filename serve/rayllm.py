@@ -5,9 +5,12 @@ changes this file only. Everything else imports Ray Serve LLM's public API (`ray
 
 from __future__ import annotations
 
+from typing import Any, AsyncGenerator, AsyncIterator
+
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
 from ray.llm._internal.serve.core.ingress.middleware import get_request_id
+from ray.llm._internal.serve.utils.batcher import Batcher
 from ray.llm._internal.serve.utils.server_utils import get_response_for_error
 
 __all__ = [
@@ -18,13 +21,53 @@ __all__ = [
     "get_request_id",
     "get_response_for_error",
     "experimental_configs",
+    "FirstChunkAtOnce",
+    "first_chunk_at_once",
 ]
 
 
 def experimental_configs(stream_batching_interval_ms: float) -> dict[str, float]:
-    """LLMConfig.experimental_configs. Ray Serve LLM batches a streamed answer's chunks every
-    50 ms by default (RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS): the first chunk then waits for the
-    end of the first interval, which on a GPU is 3-4x the engine's own time to first token.
-    0 sends every chunk as the engine makes it."""
+    """LLMConfig.experimental_configs: how often the engine replica sends a streamed answer's
+    chunks on (Ray Serve LLM: every 50 ms by default, RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS)."""
     return {"stream_batching_interval_ms": stream_batching_interval_ms}
 
+
+async def first_chunk_at_once(generator: AsyncIterator[Any], interval_ms: float) -> AsyncGenerator[list[Any], None]:
+    """The engine's stream in batches as Ray Serve LLM sends them (one message per
+    `interval_ms`), except that the first chunk leaves alone and at once.
+
+    Ray Serve LLM's batcher holds the first chunk until the end of the first interval: on an
+    H200 that made time to first token 66 ms where the engine needs 29 (8B Llama, same run).
+    Without batching (interval 0) every token is a message over two Ray hops, and output
+    throughput at 64 concurrent streams fell to 0.29x the bare engine's (plain Ray Serve LLM,
+    batching: 0.90x). Sending the first chunk now and batching the rest keeps both."""
+    iterator = aiter(generator)
+    handed_over = False
+    try:
+        try:
+            first = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield [first]
+        handed_over = True
+
+        async def rest():
+            async for item in iterator:
+                yield item
+
+        async for batch in Batcher(rest(), interval_ms=interval_ms).stream():
+            yield batch
+    finally:
+        # Once handed over, Ray Serve LLM's Batcher cancels its reader (and with it the engine
+        # request) when the client goes; before that, the engine stream is closed here.
+        if not handed_over and hasattr(iterator, "aclose"):
+            await iterator.aclose()
+
+
+class FirstChunkAtOnce:
+    """Mixin for an LLMServer subclass: streams go through `first_chunk_at_once` instead of Ray
+    Serve LLM's Batcher (LLMServer._batch_output_stream is the seam; private, hence here)."""
+
+    def _batch_output_stream(self, generator):
+        interval = self._llm_config.experimental_configs.get("stream_batching_interval_ms")
+        return first_chunk_at_once(generator, 50 if interval is None else interval)

@@ -18,6 +18,7 @@ from typing import Any
 from ray.serve.llm.deployment import LLMServer
 
 from .metrics import metric
+from .rayllm import FirstChunkAtOnce
 
 log = logging.getLogger("slimserve.server")
 
@@ -50,7 +51,7 @@ async def one_start_per_node(who: str, enabled: bool, timings: dict[str, float])
         os.close(fd)  # releases the lock, as does the process's death
 
 
-class SlimServer(LLMServer):
+class SlimServer(FirstChunkAtOnce, LLMServer):
     failure: str | None = None
 
     async def start(self):

@@ -103,10 +103,12 @@ def test_a_memory_share_set_by_the_user_is_kept():
     assert llm_config_for(cfg, model, model.variants[0], "gpu", gpu_share=0.5).engine_kwargs["gpu_memory_utilization"] == 0.3
 
 
-def test_stream_batching_is_off_by_default():
-    cfg = config({})
+def test_stream_batching_interval_reaches_ray_serve_llm():
+    cfg = config({}, {"engine": {}})
     model = cfg.models[0]
-    assert llm_config_for(cfg, model, model.variants[0], "cpu").experimental_configs == {"stream_batching_interval_ms": 0}
+    assert llm_config_for(cfg, model, model.variants[0], "cpu").experimental_configs == {"stream_batching_interval_ms": 50}
+    cfg = load_config({"models": [{"name": "m", "deployment": {"stream_batching_interval_ms": 0}, "variants": [{"name": "a"}]}]})
+    assert llm_config_for(cfg, cfg.models[0], cfg.models[0].variants[0], "cpu").experimental_configs == {"stream_batching_interval_ms": 0}
 
 
 @pytest.mark.parametrize(
