@@ -290,7 +290,7 @@ def variant_facts() -> dict:
             "build_seconds": opt.get("build_seconds"), "checkpoint": e.get("checkpoint"),
         }
         if e.get("checkpoint"):
-            from slimserve.serve.server import weight_bytes
+            from slimserve.optimizers.report import weight_bytes
 
             out[meta["variant"]]["weight_bytes"] = weight_bytes(Path(e["checkpoint"]))
     return out
