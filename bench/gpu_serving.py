@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import stop_server
 
 PORT = 18600
 PROMPT = ("The history of the lighthouse begins with fires lit on hilltops to guide ships home. " * 6).strip()
@@ -123,14 +123,7 @@ def popen(cmd: list[str], logfile: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    stop_server(proc, timeout_s=90)
     time.sleep(3)  # GPU memory of killed engine processes
 
 
@@ -290,7 +283,7 @@ def variant_facts() -> dict:
             "build_seconds": opt.get("build_seconds"), "checkpoint": e.get("checkpoint"),
         }
         if e.get("checkpoint"):
-            from slimserve.serve.server import weight_bytes
+            from slimserve.optimizers.report import weight_bytes
 
             out[meta["variant"]]["weight_bytes"] = weight_bytes(Path(e["checkpoint"]))
     return out

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from servers import stop_server
 
 from slimserve.optimizers.models import resolve_source
 
@@ -69,13 +69,7 @@ def start(kind: str, model: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    stop_server(proc)
 
 
 async def one(client: httpx.AsyncClient) -> tuple[float, float]:

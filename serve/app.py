@@ -18,7 +18,9 @@ from typing import Any
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
+from .ab import VariantRoute
 from .config import ModelSpec, SlimserveConfig, Variant, load_config
+from .handoff import IngressSpec, OnLoadSpec
 from .ingress import SlimserveIngress
 from .onload import OptimizeOnLoad
 from .placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
@@ -151,16 +153,11 @@ def llm_config_for(
         server_cls=SlimServer,
         callback_config={
             "callback_class": OptimizeOnLoad,
-            "callback_kwargs": {
-                "model": model.name,
-                "variant": variant.name,
-                "source": source,
-                "optimization": variant.optimization.model_dump(mode="json"),
-                "quality": variant.quality.model_dump(mode="json"),
-                "cache_dir": cfg.cache_dir,
-                "accelerator": accel,
-                "required": variant.required,
-            },
+            "callback_kwargs": OnLoadSpec(
+                model=model.name, variant=variant.name, source=source, cache_dir=cfg.cache_dir, accelerator=accel,
+                optimization=variant.optimization.model_dump(mode="json"), quality=variant.quality.model_dump(mode="json"),
+                required=variant.required,
+            ).model_dump(mode="json"),
         },
     )
 
@@ -185,20 +182,18 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
         for variant in model.variants:
             share = shares.get(f"{model.name}/{variant.name}", 1.0)
             llm_configs.append(llm_config_for(cfg, model, variant, accel, bind, gpu_share=share))
-            splits[model.name].append(
-                {"variant": variant.name, "model_id": model.model_id(variant), "weight": variant.weight}
-            )
+            splits[model.name].append(VariantRoute(variant.name, model.model_id(variant), variant.weight))
     log.info("slimserve: %d engine deployment(s) on %s", len(llm_configs), accel)
-    ingress_kwargs = {
-        "splits": splits,
-        "allow_forced_variant": cfg.ingress.allow_forced_variant,
-        "sticky": {m.name: m.sticky for m in cfg.models},
-        "shadows": {m.name: m.shadow for m in cfg.models if m.shadow},
-        "shadow_max_in_flight": cfg.ingress.shadow_max_in_flight,
-        "health_probe_interval_s": cfg.ingress.health_probe_interval_s,
-        "api_keys_env": cfg.ingress.api_keys_env,
-        "limits": cfg.ingress.limits.model_dump(),
-    }
+    ingress_kwargs = {"spec": IngressSpec(
+        splits=splits,
+        allow_forced_variant=cfg.ingress.allow_forced_variant,
+        sticky={m.name: m.sticky for m in cfg.models},
+        shadows={m.name: m.shadow for m in cfg.models if m.shadow},
+        shadow_max_in_flight=cfg.ingress.shadow_max_in_flight,
+        health_probe_interval_s=cfg.ingress.health_probe_interval_s,
+        api_keys_env=cfg.ingress.api_keys_env,
+        limits=cfg.ingress.limits,
+    ).model_dump(mode="json")}
     app = build_openai_app(
         {
             "llm_configs": llm_configs,

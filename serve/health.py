@@ -107,6 +107,8 @@ class HealthBoard:
         `model_ids` is known ready (routing: e.g. the first request after a deploy, which must not
         get a 503 from stale knowledge) — or, with `any_down`, when one is not (listing). While
         one candidate is ready, routing never waits: the background probe picks up the others."""
+        if not model_ids:
+            return
         down = [not self.states[m].available for m in model_ids]
         if (any(down) if any_down else all(down)) and time.monotonic() - self._last_refresh > ON_DEMAND_REFRESH_S:
             await self.refresh(wait_s)

@@ -11,19 +11,20 @@ from typing import Any
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.registry import parse
 
+from .handoff import OnLoadSpec, PreparedCheckpoint
 from .rayllm import CallbackBase
 
 log = logging.getLogger("slimserve.onload")
 
 
 class OptimizeOnLoad(CallbackBase):
-    """Callback given to LLMConfig(callback_config=...) by `build_app`.
-
-    kwargs (from callback_kwargs): source, optimization (dict), cache_dir, model, variant."""
+    """Callback given to LLMConfig(callback_config=...) by `build_app`; its keyword arguments
+    are an OnLoadSpec. Leaves a PreparedCheckpoint in ctx.custom_data["slimserve"] for the
+    engine server (or the failure in ["slimserve_failure"])."""
 
     def __init__(self, llm_config, raise_error_on_callback: bool = True, ctx_kwargs=None, **kwargs: Any):
         super().__init__(llm_config, raise_error_on_callback, ctx_kwargs, **kwargs)
-        self.result: dict[str, Any] = {}
+        self.spec = OnLoadSpec.model_validate(kwargs)
 
     async def on_before_node_init(self) -> None:
         try:
@@ -35,27 +36,26 @@ class OptimizeOnLoad(CallbackBase):
             raise
 
     async def _prepare(self) -> None:
-        kw = self.kwargs
-        check_runs_on(parse(kw["optimization"]), kw.get("accelerator"), f"{kw['model']}/{kw['variant']}")
-        log.info("%s/%s: preparing %s of %s", kw["model"], kw["variant"], kw["optimization"]["method"], kw["source"])
+        spec = self.spec
+        check_runs_on(parse(spec.optimization), spec.accelerator, spec.who)
+        log.info("%s: preparing %s of %s", spec.who, spec.optimization["method"], spec.source)
         # The build can take minutes: keep it off the replica's event loop.
-        result = await asyncio.to_thread(optimize, kw["source"], kw["optimization"], kw["cache_dir"], kw.get("quality"))
-        _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), kw)
+        result = await asyncio.to_thread(optimize, spec.source, spec.optimization, spec.cache_dir, spec.quality)
+        _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), spec.who)
         self.llm_config.get_engine_config().hf_model_id = str(result.path)
         # The checkpoint is local: skip Ray Serve LLM's download step.
         self.ctx.run_init_node = False
-        self.result = {
-            "method": result.method,
-            "checkpoint": str(result.path),
-            "base": str(result.base),
-            "cache_hit": result.cache_hit,
-            "prepare_seconds": round(result.seconds, 3),
-            "build_seconds": result.manifest.get("build_seconds"),
-            "report": result.manifest.get("report", {}),
-            "quality_gate": result.manifest.get("quality_gate", "passed"),
-        }
-        self.ctx.custom_data["slimserve"] = self.result
-        log.info("%s/%s: engine will load %s", kw["model"], kw["variant"], result.path)
+        self.ctx.custom_data["slimserve"] = PreparedCheckpoint(
+            method=result.method,
+            checkpoint=str(result.path),
+            base=str(result.base),
+            cache_hit=result.cache_hit,
+            prepare_seconds=round(result.seconds, 3),
+            build_seconds=result.manifest.get("build_seconds"),
+            report=result.manifest.get("report", {}),
+            quality_gate=result.manifest.get("quality_gate", "passed"),
+        )
+        log.info("%s: engine will load %s", spec.who, result.path)
 
 
 def check_runs_on(spec, accelerator: str | None, who: str) -> None:
@@ -69,7 +69,7 @@ def check_runs_on(spec, accelerator: str | None, who: str) -> None:
         )
 
 
-def _check_tensor_parallel(checkpoint, tp: int, kw: dict[str, Any]) -> None:
+def _check_tensor_parallel(checkpoint, tp: int, who: str) -> None:
     """Fail with the variant's name and a way out, rather than deep inside vLLM."""
     import json
 
@@ -77,7 +77,7 @@ def _check_tensor_parallel(checkpoint, tp: int, kw: dict[str, Any]) -> None:
     heads = config.get("num_attention_heads")
     if heads and heads % tp:
         raise ValueError(
-            f"{kw['model']}/{kw['variant']}: tensor_parallel_size {tp} does not divide the "
+            f"{who}: tensor_parallel_size {tp} does not divide the "
             f"{heads} attention heads of the model; pick a divisor of {heads}, or prune heads first "
             "(optimization: {method: structured, heads_keep: ...})"
         )

@@ -5,70 +5,45 @@ and the per-variant memory, optimization and quality metrics."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import json
 import logging
 import os
-import struct
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from ray.serve.llm.deployment import LLMServer
 
+from slimserve.optimizers.report import size_on_disk, weight_bytes
+
+from .engine_facts import gpu_memory_used_bytes, tree_rss_bytes
+from .handoff import OnLoadSpec, PreparedCheckpoint
 from .metrics import metric
 from .rayllm import FirstChunkAtOnce
+from .start_lock import one_start_per_node
 
 log = logging.getLogger("slimserve.server")
 
 METRICS_INTERVAL_S = 5.0
 
 
-# One engine start at a time per node on GPU hosts (a node-local lock file: /tmp is per pod in
-# Kubernetes). vLLM sizes its KV cache from the GPU memory it sees free while it profiles; a
-# neighbour loading weights or optimizing on the same GPU at that moment makes it take too much
-# or fail ("Error in memory profiling").
-ENGINE_START_LOCK = Path(os.environ.get("SLIMSERVE_ENGINE_START_LOCK", "/tmp/slimserve-engine-start.lock"))
-
-
-@asynccontextmanager
-async def one_start_per_node(who: str, enabled: bool, timings: dict[str, float]):
-    """Holds the node's engine-start lock (when `enabled`); records the wait in `timings`."""
-    if not enabled:
-        yield
-        return
-    fd = os.open(ENGINE_START_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        t0 = time.monotonic()
-        # flock in a thread: the replica's event loop stays free while it waits.
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-        timings["start_lock_wait_seconds"] = round(time.monotonic() - t0, 3)
-        if timings["start_lock_wait_seconds"] > 1:
-            log.info("%s: waited %.1f s for other engines on this node to start", who, timings["start_lock_wait_seconds"])
-        yield
-    finally:
-        os.close(fd)  # releases the lock, as does the process's death
-
-
 class SlimServer(FirstChunkAtOnce, LLMServer):
     failure: str | None = None
 
     async def start(self):
-        kw = self._llm_config.callback_config.callback_kwargs
+        self.spec = OnLoadSpec.model_validate(self._llm_config.callback_config.callback_kwargs)
         self.timings: dict[str, float] = {}
         t0 = time.monotonic()
         try:
             # The on-load step (optimizing) runs inside start(), before the engine: both hold the lock.
-            async with one_start_per_node(f"{kw.get('model')}/{kw.get('variant')}", kw.get("accelerator") == "gpu", self.timings):
+            async with one_start_per_node(self.spec.who, self.spec.accelerator == "gpu", self.timings):
                 await super().start()
         except Exception:
             failure = self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve_failure")
-            if failure is None or self._llm_config.callback_config.callback_kwargs.get("required"):
+            if failure is None or self.spec.required:
                 raise
             # The on-load step failed before any engine started: stay up without an engine, so
             # the other variants serve on; the ingress sees `failure` and routes around us.
-            log.error("%s: variant not served: %s", self._labels(), failure)
+            log.error("%s: variant not served: %s", self.spec.who, failure)
             self.engine = None
             self.failure = failure
             self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
@@ -77,27 +52,21 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         self.timings["start_seconds"] = round(time.monotonic() - t0, 3)
         prep = self._prepared()
         if prep:
-            cache = {True: "hit", False: "miss"}.get(prep.get("cache_hit"), "none")
-            tags = {**self._labels(), "method": prep.get("method", "none"), "cache": cache}
-            metric("slimserve_optimization_runs_total").inc(1, tags=tags)
+            cache = {True: "hit", False: "miss"}.get(prep.cache_hit, "none")
+            metric("slimserve_optimization_runs_total").inc(1, tags={**self.spec.labels, "method": prep.method, "cache": cache})
         self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
 
-    def _labels(self) -> dict[str, str]:
-        kw = self._llm_config.callback_config.callback_kwargs
-        return {"model": kw.get("model", ""), "variant": kw.get("variant", "")}
-
-    def _prepared(self) -> dict[str, Any]:
-        return self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve", {})
+    def _prepared(self) -> PreparedCheckpoint | None:
+        return self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve")
 
     def _report_optimization(self) -> None:
-        labels, prep = self._labels(), self._prepared()
+        labels, prep = self.spec.labels, self._prepared()
         if not prep:
             return
-        method = prep.get("method", "none")
-        metric("slimserve_optimization_seconds").set(prep.get("prepare_seconds") or 0.0, tags={**labels, "method": method})
-        gate_failed = str(prep.get("quality_gate", "passed")).startswith("failed")
-        metric("slimserve_quality_gate_failed").set(1 if gate_failed else 0, tags=labels)
-        quality = (prep.get("report") or {}).get("quality") or {}
+        method = prep.method
+        metric("slimserve_optimization_seconds").set(prep.prepare_seconds, tags={**labels, "method": method})
+        metric("slimserve_quality_gate_failed").set(1 if prep.quality_gate.startswith("failed") else 0, tags=labels)
+        quality = prep.report.get("quality") or {}
         if "ppl_ratio" in quality:
             metric("slimserve_quality_ratio").set(quality["ppl_ratio"], tags={**labels, "metric": "ppl_ratio"})
         elif method == "none":
@@ -108,9 +77,9 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
     async def _report_forever(self) -> None:
         """Ray drops a gauge that is not set again within a few export periods, so the gauges
         are set on every round, the unchanging ones too."""
-        labels = self._labels()
+        labels = self.spec.labels
         checkpoint = Path(self._llm_config.get_engine_config().actual_hf_model_id)
-        sizes = (folder_bytes(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else None
+        sizes = (size_on_disk(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else None
         while True:
             try:
                 metric("slimserve_optimization_failed").set(1 if self.failure else 0, tags=labels)
@@ -130,7 +99,9 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         """Facts from the live vLLM engine and the on-load step, for /v1/models and tests."""
         engine_client = getattr(self.engine, "_engine_client", None)
         vllm_config = getattr(engine_client, "vllm_config", None)
-        info: dict[str, Any] = {"optimization": self._prepared(), "pid": os.getpid(), "timings": getattr(self, "timings", {})}
+        prep = self._prepared()
+        info: dict[str, Any] = {"optimization": prep.model_dump() if prep else {}, "pid": os.getpid(),
+                                "timings": getattr(self, "timings", {})}
         if self.failure:
             info["failed"] = self.failure
         if vllm_config is not None:
@@ -147,50 +118,3 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
                 gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
             )
         return info
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def weight_bytes(folder: Path) -> int:
-    """Bytes of all tensors in the folder's safetensors files, read from their headers (the
-    first 8 bytes give the header's length; each entry gives its data offsets)."""
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
-    return total
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """RSS of a process and its descendants (vLLM runs its engine core in child processes)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-def gpu_memory_used_bytes() -> int | None:
-    """Memory in use on the GPUs visible to this replica (NVML), None without a GPU."""
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
-        return None
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(pynvml.nvmlDeviceGetCount())
-        return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used for i in indices)
-    except Exception:
-        return None

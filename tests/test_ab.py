@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from slimserve.serve.ab import TrafficSplit, VariantRoute
+from slimserve.serve.ab import RouteError, Router, Target, TrafficSplit, VariantRoute
 from slimserve.serve.ab_report import latency_test
 from slimserve.serve.config import ConfigError, load_config
 
@@ -80,3 +80,69 @@ def test_a_down_variant_moves_only_its_own_users():
     moved = collections.Counter(after[u] for u, v in before.items() if v == "c")
     assert set(moved) == {"a", "b"} and moved["a"] > moved["b"]  # in proportion to weight (5:3)
     assert s.pick(exclude={"a", "b", "c"}) is None and s.pick("x", exclude={"a", "b", "c"}) is None
+
+
+# --- routing (serve/ab.py Router): pure, no Ray ----------------------------------------------
+
+def router(**kw) -> Router:
+    splits = {
+        "m": [VariantRoute("a", "m--a", 70), VariantRoute("b", "m--b", 30), VariantRoute("s", "m--s", 0)],
+        "n": [VariantRoute("x", "n--x", 1)],
+    }
+    return Router(splits, **{"shadows": {"m": "s"}, **kw})
+
+
+def route(r: Router, model, forced=None, user=None, down=()):
+    return r.route(model, forced, user, lambda m: m not in down, lambda m: "loading" if m in down else "ready")
+
+
+def test_a_variant_id_reaches_that_variant_without_a_shadow_copy():
+    assert route(router(), "m--b") == Target("m", "b", "m--b", None)
+
+
+def test_a_public_name_gets_a_weighted_variant_and_its_shadow():
+    t = route(router(), "m", user="alice")
+    assert t.variant in ("a", "b") and t.model_id == f"m--{t.variant}" and t.shadow_model_id == "m--s"
+
+
+def test_forcing_the_shadow_variant_sends_no_copy_to_itself():
+    assert route(router(), "m", forced="s").shadow_model_id is None
+
+
+def test_unknown_model_is_404_and_missing_model_400_when_ambiguous():
+    with pytest.raises(RouteError) as e:
+        route(router(), "gpt-9")
+    assert e.value.status == 404 and "available: m, n" in e.value.message
+    with pytest.raises(RouteError) as e:
+        route(router(), None)
+    assert e.value.status == 400
+    only = Router({"n": [VariantRoute("x", "n--x", 1)]})
+    assert route(only, None).model_id == "n--x"  # the only model is the default
+
+
+def test_forced_variants():
+    assert route(router(), "m", forced="b").variant == "b"
+    with pytest.raises(RouteError) as e:
+        route(router(), "m", forced="zzz")
+    assert e.value.status == 400 and "has: a, b, s" in e.value.message
+    with pytest.raises(RouteError) as e:
+        route(router(), "m", forced="b", down={"m--b"})
+    assert e.value.status == 503 and "variant `b` of `m` is not available: loading" in e.value.message
+    # Forcing disabled: the header is ignored, the split decides.
+    assert route(router(allow_forced=False), "m", forced="zzz", user="u").variant in ("a", "b")
+
+
+def test_down_variants_are_skipped_and_all_down_is_503_naming_each():
+    r = router()
+    assert {route(r, "m", user=f"u{i}", down={"m--a"}).variant for i in range(50)} == {"b"}
+    with pytest.raises(RouteError) as e:
+        route(r, "m", down={"m--a", "m--b"})
+    assert e.value.status == 503 and "a: loading; b: loading" in e.value.message
+
+
+def test_candidates_are_what_availability_must_be_known_for():
+    r = router()
+    assert r.candidates("m", None) == ["m--a", "m--b", "m--s"]
+    assert r.candidates("m", "b") == ["m--b"]
+    assert r.candidates("n--x", None) == ["n--x"]
+    assert r.candidates("gpt-9", None) == []

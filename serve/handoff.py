@@ -1,0 +1,63 @@
+"""Typed hand-offs between the layers: what `build_app` gives the on-load hook and the ingress,
+and what the on-load hook hands the engine server. Each crosses Ray as plain keyword arguments
+(that is how Ray Serve LLM passes callback and ingress arguments) and is validated on arrival."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .ab import VariantRoute
+from .config import RequestLimits
+
+
+class _Handoff(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OnLoadSpec(_Handoff):
+    """LLMConfig.callback_config.callback_kwargs of a variant's engine deployment."""
+
+    model: str = Field(description="Public model name.")
+    variant: str
+    source: str = Field(description="Base checkpoint: a local folder or `default`.")
+    optimization: dict[str, Any] = Field(description="The variant's optimization, as the registry parses it.")
+    quality: dict[str, Any] = Field(default_factory=dict, description="The quality gate.")
+    cache_dir: str
+    accelerator: Literal["cpu", "gpu"]
+    required: bool = Field(False, description="A failure to prepare fails the app instead of marking the variant failed.")
+
+    @property
+    def who(self) -> str:
+        return f"{self.model}/{self.variant}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"model": self.model, "variant": self.variant}
+
+
+class PreparedCheckpoint(_Handoff):
+    """What the on-load step prepared: the checkpoint the engine loads, and how it came to be."""
+
+    method: str
+    checkpoint: str
+    base: str
+    cache_hit: bool | None = Field(description="None: nothing to cache (method `none`).")
+    prepare_seconds: float
+    build_seconds: float | None = None
+    report: dict[str, Any] = Field(default_factory=dict, description="The method's report (scheme, quality, ...).")
+    quality_gate: str = "passed"
+
+
+class IngressSpec(_Handoff):
+    """The ingress's arguments (IngressClsConfig.ingress_extra_kwargs)."""
+
+    splits: dict[str, list[VariantRoute]] = Field(description="Public name -> its variants' routes.")
+    allow_forced_variant: bool = True
+    sticky: dict[str, bool] = Field(default_factory=dict)
+    shadows: dict[str, str] = Field(default_factory=dict)
+    shadow_max_in_flight: int = 8
+    health_probe_interval_s: float = 10
+    api_keys_env: str | None = None
+    limits: RequestLimits = Field(default_factory=RequestLimits)
