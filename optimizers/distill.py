@@ -49,7 +49,8 @@ def run_cli(a) -> int:
     out = Path(a.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+    # The teacher only runs forward: in the dtype it was saved in (the student trains in fp32).
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
     if a.student:
         student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
     else:  # a pruned student is written once, by rank 0, into OUT/student-init

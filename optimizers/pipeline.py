@@ -8,25 +8,42 @@ calibration used before the engine sizes its KV cache.
 
 from __future__ import annotations
 
+import codecs
+import collections
 import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .cache import ArtifactCache, folder_digest, sha256_file
+from .cache import GIB, ArtifactCache, CacheHold, folder_digest, hold, sha256_file
 from .calibration import Calibration, load_text
 from .models import resolve_source
 from .quality import HeldOut, QualityGate, QualityGateFailed  # noqa: F401 (re-exported)
-from .registry import Optimization, parse
+from .registry import Optimization, code_digest, parse
 from .worker import RESULT_PREFIX
 
 log = logging.getLogger(__name__)
+
+DEFAULT_BUILD_TIMEOUT_S = 3600.0  # longest one optimization may run (a variant's build_timeout_s)
+STDERR_TAIL_LINES = 30  # last lines of the child's output kept for the failure message
+_KILL_GRACE_S = 5.0  # SIGTERM to SIGKILL
+
+
+class OptimizationFailed(RuntimeError):
+    """The optimizer's child process failed; the message ends with its last lines of output."""
+
+
+class OptimizationTimedOut(OptimizationFailed):
+    """The optimizer's child process ran past its build timeout and was stopped."""
 
 
 @dataclass
@@ -37,6 +54,9 @@ class OptimizeResult:
     cache_hit: bool | None  # None: nothing to cache (method `none`)
     seconds: float  # wall time of this call, lookup included
     manifest: dict[str, Any]
+    # Keeps the artifact from being evicted while it is referenced (see cache.hold); None when
+    # nothing cached is served (method `none`, or the base served after a failed quality gate).
+    hold: CacheHold | None = None
 
 
 def optimizer_python() -> str:
@@ -97,7 +117,21 @@ def base_digest(base: Path, memo_dir: Path) -> str:
     return digest
 
 
-def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held_out: HeldOut | None = None) -> str:
+def slimserve_identity(spec: Optimization) -> dict[str, str]:
+    """slimserve's version and the digest of its code that builds `spec`'s artifacts (the
+    method's module and the package modules it uses: registry.code_digest)."""
+    try:
+        version = metadata.version("slimserve")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "code": code_digest(spec)}
+
+
+def cache_key(
+    base_hash: str, spec: Optimization, versions: dict[str, str], held_out: HeldOut | None = None,
+    code: dict[str, str] | None = None,
+) -> str:
+    """`code`: slimserve's version and code digest (default: this installation's, slimserve_identity)."""
     # Calibration text is named in the spec by path; its content goes into the key too.
     calibration = {
         name: value.digest() for name, value in spec if isinstance(value, Calibration)
@@ -105,6 +139,9 @@ def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held
     key = {
         "base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration,
         "versions": versions, "held_out": held_out.model_dump() if held_out else None,
+        # slimserve's own code builds (structured, student, sparse magnitude, KD healing) or
+        # drives (llm-compressor's methods) every artifact: other code, another artifact.
+        "slimserve": code if code is not None else slimserve_identity(spec),
     }
     # Other inputs named by path (a student checkpoint): their content goes into the key too.
     inputs = getattr(spec, "input_digest", lambda: None)()
@@ -114,27 +151,138 @@ def cache_key(base_hash: str, spec: Optimization, versions: dict[str, str], held
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _run_child(python: str, spec: Optimization, base: Path, out: Path, held_out: HeldOut | None) -> dict[str, Any]:
+def _child_command(python: str, request: str) -> list[str]:
+    return [python, "-m", "slimserve.optimizers.worker", request]
+
+
+class _Tail:
+    """The last `n` lines of a stream, as a terminal would show them (a progress bar redrawn
+    with carriage returns is one line)."""
+
+    def __init__(self, n: int):
+        self.lines: collections.deque[str] = collections.deque(maxlen=n)
+        self.partial = ""
+        self.lock = threading.Lock()
+
+    def feed(self, text: str) -> None:
+        with self.lock:
+            *done, self.partial = (self.partial + text).split("\n")
+            for line in done:
+                self.lines.append(self._redrawn(line))
+
+    @staticmethod
+    def _redrawn(line: str) -> str:
+        parts = [p for p in line.rstrip("\r").split("\r")]
+        return parts[-1] if parts else ""
+
+    def text(self) -> str:
+        with self.lock:
+            lines = list(self.lines) + ([self._redrawn(self.partial)] if self.partial.strip() else [])
+        lines = [l for l in lines if l.strip()][-self.lines.maxlen:]
+        return "\n".join(lines) if lines else "(no output)"
+
+
+def _forward(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the child's process group (the child and everything it started that is still
+    there): SIGTERM, then SIGKILL what is left after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(proc.pid):
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        deadline = time.monotonic() + _KILL_GRACE_S
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the child itself, else it stays in the group as a zombie
+            if not _group_alive(proc.pid):
+                break
+            time.sleep(0.05)
+    proc.wait()
+
+
+def _run_child(
+    python: str, spec: Optimization, base: Path, out: Path, held_out: HeldOut | None,
+    timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S, code: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run the method in a child process of its own process group; stop the whole group after
+    `timeout_s`. Its output streams to this process's stderr (the replica's log) as it comes;
+    the last STDERR_TAIL_LINES lines of its stderr end the message of a failure."""
     request = json.dumps({
         "spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out),
-        "held_out": held_out.model_dump() if held_out else None,
+        "held_out": held_out.model_dump() if held_out else None, "code": (code or {}).get("code"),
     })
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log.info("optimizing %s with %s in a child process (%s)", base.name, spec.method, python)
-    # stderr is inherited so that progress bars and llm-compressor's log reach the replica's log.
-    proc = subprocess.run(
-        [python, "-m", "slimserve.optimizers.worker", request],
-        stdout=subprocess.PIPE, text=True, env=env,
+    log.info("optimizing %s with %s in a child process (%s, at most %s s)", base.name, spec.method, python, timeout_s)
+    proc = subprocess.Popen(
+        _child_command(python, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        start_new_session=True,  # its own process group: a timeout stops everything it started
     )
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-        else:
-            print(line, file=sys.stderr)
-    if proc.returncode != 0 or result is None:
-        raise RuntimeError(f"optimization {spec.method} of {base} failed (exit {proc.returncode}); see the log above")
-    return result
+    tail, result = _Tail(STDERR_TAIL_LINES), {}
+
+    def pump_stderr() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := proc.stderr.read1(1 << 16):
+            text = decoder.decode(chunk)
+            _forward(text)  # progress bars and llm-compressor's log reach the replica's log
+            tail.feed(text)
+
+    def pump_stdout() -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            if line.startswith(RESULT_PREFIX):
+                result["report"] = line[len(RESULT_PREFIX):]
+            else:
+                _forward(line)
+
+    pumps = [threading.Thread(target=f, daemon=True) for f in (pump_stderr, pump_stdout)]
+    for t in pumps:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # On a timeout, an error here (KeyboardInterrupt) and after a normal exit alike: nothing
+        # the build started outlives it.
+        _stop_group(proc)
+        for t in pumps:
+            t.join(timeout=10)  # a grandchild that left the group may hold the pipes: do not hang
+    what = f"optimization {spec.method} of {base}"
+    if timed_out:
+        how = f"did not finish within {timeout_s:g} s (the variant's build_timeout_s) and was stopped"
+    elif proc.returncode < 0:
+        how = f"was killed by {signal.Signals(-proc.returncode).name}"
+        if proc.returncode == -signal.SIGKILL:
+            how += " (out of memory?)"
+    elif proc.returncode:
+        how = f"failed (exit {proc.returncode})"
+    elif "report" not in result:
+        how = "exited without a result"
+    else:
+        return json.loads(result["report"])
+    # First line: what happened and the child's last words (usually the exception), for one-line
+    # reports (/v1/models, the CLI); then the tail of its output.
+    output = tail.text()
+    message = f"{what} {how}: {output.splitlines()[-1]}\nlast lines of its output:\n{output}"
+    raise (OptimizationTimedOut if timed_out else OptimizationFailed)(message)
 
 
 def optimize(
@@ -142,9 +290,18 @@ def optimize(
     spec: Optimization | dict | str,
     cache_dir: str | os.PathLike,
     quality: QualityGate | dict | None = None,
+    build_timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S,
+    lock_timeout_s: float | None = None,
+    cache_max_gib: float | None = None,
 ) -> OptimizeResult:
     """Return the checkpoint to serve for `source` optimized by `spec`, building it if needed,
-    and apply the quality gate (which may raise QualityGateFailed or fall back to the base)."""
+    and apply the quality gate (which may raise QualityGateFailed or fall back to the base).
+
+    The build is stopped after `build_timeout_s` (OptimizationTimedOut); waiting for another
+    process building the same artifact ends after `lock_timeout_s` (default: twice the build
+    timeout; cache.LockTimeout). `cache_max_gib`: after a build, least recently used artifacts
+    not in use are evicted until the cache fits (None: unbounded). The result holds the
+    artifact (`result.hold`) against eviction for as long as it is referenced."""
     t0 = time.monotonic()
     spec = parse(spec)
     gate = QualityGate.model_validate(quality or {})
@@ -165,13 +322,25 @@ def optimize(
             load_text(held_out.text)  # raises, saying what to install
         log.warning("quality not measured: Debian's fortunes-min is not installed (apt-get install fortunes-min)")
         held_out = None
-    cache = ArtifactCache(cache_dir)
-    key = cache_key(base_digest(base, cache.root), spec, versions, held_out)
-    info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions}
-    path, manifest, hit = cache.get_or_build(key, lambda tmp: _run_child(python, spec, base, tmp, held_out), info)
+    cache = ArtifactCache(cache_dir, max_bytes=None if cache_max_gib is None else int(cache_max_gib * GIB))
+    code = slimserve_identity(spec)
+    key = cache_key(base_digest(base, cache.root), spec, versions, held_out, code)
+    info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions,
+            "slimserve": code}
+    if lock_timeout_s is None and build_timeout_s is not None:
+        lock_timeout_s = 2 * build_timeout_s
+    build = lambda tmp: _run_child(python, spec, base, tmp, held_out, build_timeout_s, code)  # noqa: E731
+    for attempt in (1, 2):
+        path, manifest, hit = cache.get_or_build(key, build, info, lock_timeout_s)
+        try:
+            held = hold(path)
+            break
+        except FileNotFoundError:  # evicted between the lookup and the hold (another process's cap)
+            if attempt == 2:
+                raise
     seconds = time.monotonic() - t0
     log.info("%s: %s in %.1f s -> %s", spec.method, "cache hit" if hit else "built", seconds, path)
-    result = OptimizeResult(path, base, spec.method, hit, seconds, manifest)
+    result = OptimizeResult(path, base, spec.method, hit, seconds, manifest, held)
     return _apply_gate(result, gate)
 
 
@@ -188,4 +357,7 @@ def _apply_gate(result: OptimizeResult, gate: QualityGate) -> OptimizeResult:
     log.warning("%s: serving the base model instead", message)
     result.manifest = {**result.manifest, "quality_gate": "failed: serving base"}
     result.path = result.base
+    if result.hold is not None:
+        result.hold.release()
+        result.hold = None
     return result

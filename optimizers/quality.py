@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .calibration import text_available, token_windows
 
@@ -30,12 +30,22 @@ class HeldOut(BaseModel):
         return text_available(self.text)
 
 
-def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
-    """Perplexity of a checkpoint folder, loaded in fp32 on CPU (or the first GPU when there is one)."""
+def load_for_inference(checkpoint: Path):
+    """A checkpoint for scoring, in eval mode: in the dtype it was saved in (bf16 / fp16 as
+    saved; fp32 only when saved so), on the GPU(s) when there are any (spilling to CPU memory
+    if they are full), else on CPU."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to("cuda" if torch.cuda.is_available() else "cpu")
+    placement = {"device_map": "auto"} if torch.cuda.is_available() else {}
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto", **placement).eval()
+
+
+def perplexity(checkpoint: Path, held_out: HeldOut) -> float:
+    """Perplexity of a checkpoint folder, loaded as `load_for_inference` does."""
+    from transformers import AutoTokenizer
+
+    model = load_for_inference(checkpoint)
     return model_perplexity(model, AutoTokenizer.from_pretrained(checkpoint), held_out, checkpoint)
 
 
@@ -70,6 +80,15 @@ class QualityGate(BaseModel):
         "fail", description="Over the limit: fail startup with a clear message, or serve the base model instead."
     )
     held_out: HeldOut = Field(default_factory=HeldOut)
+
+    @model_validator(mode="after")
+    def _limit_needs_measuring(self) -> "QualityGate":
+        if not self.measure and self.max_ppl_ratio is not None:
+            raise ValueError(
+                f"max_ppl_ratio {self.max_ppl_ratio:g} with measure: false is never checked (nothing is measured); "
+                "set measure: true, or drop max_ppl_ratio"
+            )
+        return self
 
 
 class QualityGateFailed(RuntimeError):

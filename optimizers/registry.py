@@ -10,7 +10,9 @@ registry and the config schema load fast and in any environment.
 
 from __future__ import annotations
 
+import ast
 import functools
+import hashlib
 import importlib
 import re
 from pathlib import Path
@@ -82,3 +84,52 @@ def parse(spec: dict[str, Any] | str | Optimization) -> Optimization:
     if name not in available:
         raise ValueError(f"unknown optimization method {name!r}; available: {', '.join(sorted(available))}")
     return available[name].model_validate(spec)
+
+
+# Modules whose code shapes every artifact besides the method's own: the child process's entry
+# point (it runs the method and measures perplexity) and what it imports.
+_BUILD_ROOTS = ("worker",)
+
+
+def _package_imports(path: Path, package_dir: Path) -> set[str]:
+    """Stems of this package's modules that `path` imports: relative or absolute, top-level or
+    inside a function (method modules import their helpers inside `run`)."""
+    package = __package__ or "slimserve.optimizers"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 or (node.level == 0 and module == package):
+                names = [module.split(".")[0]] if node.level and module else [a.name for a in node.names]
+            elif node.level == 0 and module.startswith(package + "."):
+                names = [module[len(package) + 1:].split(".")[0]]
+        elif isinstance(node, ast.Import):
+            names = [a.name[len(package) + 1:].split(".")[0] for a in node.names if a.name.startswith(package + ".")]
+        found.update(n for n in names if (package_dir / f"{n}.py").is_file())
+    return found
+
+
+def code_digest(spec: "Optimization | type[Optimization] | str", package_dir: Path | None = None) -> str:
+    """sha256 of the slimserve code that builds an artifact of this method: the method's module,
+    the child process's entry point (`worker`: it also measures perplexity), the package's
+    `__init__`, and every module of this package they import, transitively (e.g. `structured`:
+    kd_trainer, quality, calibration, registry). It goes into the cache key, so an artifact built
+    by other code is never served as a hit. `spec`: a method instance or class, or a module stem;
+    `package_dir` (tests): read the sources from there instead of this package."""
+    package_dir = Path(package_dir) if package_dir is not None else Path(__file__).parent
+    if isinstance(spec, str):
+        stem = spec
+    else:
+        stem = (spec if isinstance(spec, type) else type(spec)).__module__.rpartition(".")[2]
+    todo, seen = [stem, *_BUILD_ROOTS, "__init__"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or not (package_dir / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        todo.extend(_package_imports(package_dir / f"{name}.py", package_dir) - seen)
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(f"{name}.py\0{hashlib.sha256((package_dir / f'{name}.py').read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .cache import folder_digest
 from .calibration import Calibration
 from .kd_trainer import DistillArgs, agreement, distill, save_student
-from .quality import HeldOut
+from .quality import HeldOut, load_for_inference
 from .registry import Optimization, register
 from .structured import StructuredPrune, saved_dtype
 from .student_init import init_student
@@ -76,8 +76,7 @@ class Student(Optimization):
         return folder_digest(root, skip=lambda rel: "checkpoints" in rel.parts)  # training checkpoints are not served
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         report: dict[str, Any] = {}
@@ -93,8 +92,8 @@ class Student(Optimization):
             report["student"] = str(src)
         else:
             report["distill"] = self._make(base, out, tokenizer)
-        teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-        student = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        # Both in the dtype they were saved in, on the accelerator when there is one (not fp32 on CPU).
+        teacher, student = load_for_inference(base), load_for_inference(out)
         if self.agreement.available():
             report["agreement"] = {**agreement(teacher, student, tokenizer, self.agreement), "held_out": self.agreement.model_dump()}
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -102,15 +101,13 @@ class Student(Optimization):
         return report
 
     def _make(self, base: Path, out: Path, tokenizer) -> dict[str, Any]:
-        import torch
-        from transformers import AutoModelForCausalLM
-
         r = self.recipe
         prune = StructuredPrune.model_validate({**r.prune, "method": "structured"}) if r.prune is not None else None
         work = out.parent / (out.name + ".student-work")
         try:
             student = init_student(base, prune, r.config, r.distill.seed, work / "init")
-            teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            # The teacher only runs forward: in the dtype it was saved in. The student trains in fp32.
+            teacher = load_for_inference(base)
             train = distill(teacher, student, tokenizer, r.distill, work / "checkpoints")
             save_student(student.cpu(), tokenizer, out, saved_dtype(base))
         finally:

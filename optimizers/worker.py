@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .quality import HeldOut, perplexity
-from .registry import parse
+from .registry import code_digest, parse
 
 RESULT_PREFIX = "SLIMSERVE_RESULT "  # starts the report line on stdout (pipeline.optimize reads it)
 
@@ -23,6 +23,16 @@ def main(argv: list[str]) -> int:
     spec = parse(request["spec"])
     t0 = time.monotonic()
     log = logging.getLogger("slimserve")
+    expected, own = request.get("code"), code_digest(spec)
+    if expected and expected != own:
+        # The cache key names the serving environment's code; building with other code would
+        # store an artifact under a key that does not describe it.
+        log.error(
+            "this environment (%s) runs other slimserve code for %s than the one that asked for the build "
+            "(code digest %s, expected %s): install the same slimserve in both environments",
+            sys.executable, spec.method, own[:12], expected[:12],
+        )
+        return 3
     base, out = Path(request["base"]), Path(request["out"])
     log.info("step: optimize (%s)", spec.method)
     report = spec.run(base, out)

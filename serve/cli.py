@@ -4,48 +4,100 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from slimserve.optimizers.quality import QualityGateFailed
 
-from .config import ConfigError, load_config
+from .config import ConfigError, ConfigFile, ServeApp, load_config_file
+from .local import RunError, Terminated
+
+DESCRIPTION = """\
+slimserve optimizes a model when it loads (quantization, pruning, distillation) and serves
+the result with vLLM on Ray Serve LLM. One YAML config names a base model and its variants
+(bf16, int8, pruned, a distilled student, ...), each with a traffic weight; at startup each
+variant is optimized (or taken from the artifact cache), and one OpenAI-compatible endpoint
+splits the requests between them. Every answer says which variant produced it.
+
+CONFIG is a slimserve config, or a Ray Serve config file whose applications use
+`import_path: slimserve.serve.app:build_app` (deploy/*.yaml)."""
+
+EPILOG = """\
+examples:
+  slimserve demo                             the default model as bf16 + int8, one question
+  slimserve config validate my.yaml          every error of a config, with its field path
+  slimserve run my.yaml                      serve on 127.0.0.1:8000/v1 until Ctrl-C or SIGTERM
+  slimserve run deploy/demo.yaml             a Ray Serve config file works too
+  slimserve optimize my.yaml --variant int8  build a variant's checkpoint ahead of time
+
+`slimserve COMMAND -h` shows a command's options; -v (anywhere) shows Ray's and vLLM's logs."""
 
 
 def _validate(args) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"cannot read {args.config}: {e}", file=sys.stderr)
-        return 1
-    n = sum(len(m.variants) for m in cfg.models)
-    print(f"{args.config}: ok ({len(cfg.models)} model(s), {n} variant(s))")
-    for m in cfg.models:
-        for v in m.variants:
-            eng = m.engine_for(v)
-            share = "auto" if eng.gpu_share is None else f"{eng.gpu_share:g}"
-            print(f"  {m.name}/{v.name}: {v.optimization.method}, weight {v.weight:g}, tp {eng.tensor_parallel_size}, gpu_share {share}")
+    f = load_config_file(args.config)  # a ConfigError is printed by main(), exit 1
+
+    def counts(app: ServeApp) -> str:
+        return f"{len(app.config.models)} model(s), {sum(len(m.variants) for m in app.config.models)} variant(s)"
+
+    if f.kind == "slimserve":
+        print(f"{args.config}: ok ({counts(f.apps[0])})")
+    else:
+        print(f"{args.config}: ok (Ray Serve config, {len(f.apps)} slimserve application(s))")
+    for app in f.apps:
+        indent = "  "
+        if f.kind == "serve":
+            print(f"  application {app.name} at {app.route_prefix}: {counts(app)}")
+            indent = "    "
+        for m in app.config.models:
+            for v in m.variants:
+                eng = m.engine_for(v)
+                share = "auto" if eng.gpu_share is None else f"{eng.gpu_share:g}"
+                print(f"{indent}{m.name}/{v.name}: {v.optimization.method}, weight {v.weight:g}, "
+                      f"tp {eng.tensor_parallel_size}, gpu_share {share}")
+    if f.ignored:
+        print(f"  not used by `slimserve run` (only by `serve run`): {', '.join(f.ignored)}")
     return 0
+
+
+def _one_app(f: ConfigFile, path: str, name: str | None) -> ServeApp:
+    """The application `slimserve run` serves. One at a time: each app's CPU engines get their
+    own cores counted from core 0, so two apps' engines would share cores (20-30x slower)."""
+    names = [a.name for a in f.apps]
+    if name is not None:
+        for app in f.apps:
+            if app.name == name:
+                return app
+        raise RunError(f"--app {name}: {path} has no slimserve application of that name (it has: {', '.join(names)})")
+    if len(f.apps) > 1:
+        raise RunError(f"{path} has {len(f.apps)} slimserve applications ({', '.join(names)}); `slimserve run` serves "
+                       f"one: pick it with --app NAME (`serve run {path}` runs them all)")
+    return f.apps[0]
 
 
 def _run(args) -> int:
     from .local import check_fits, deploy, local_cluster, say, wait_ready
 
-    cfg = load_config(args.config)
-    with local_cluster(cfg, host=args.host, port=args.port, quiet=not args.verbose, metrics_port=args.metrics_port):
+    f = load_config_file(args.config)
+    app = _one_app(f, args.config, args.app)
+    # The flags win; then a Serve config's http_options; then Serve's defaults.
+    host = args.host or f.http_options.get("host") or "127.0.0.1"
+    port = args.port or f.http_options.get("port") or 8000
+    if f.ignored:
+        say(f"note: serving application {app.name!r}; not used here (only by `serve run`): {', '.join(f.ignored)}")
+    cfg = app.config
+    with local_cluster(cfg, host=host, port=port, quiet=not args.verbose, metrics_port=args.metrics_port):
         check_fits(cfg)
-        deploy(cfg)
-        secs = wait_ready(lambda line: say("  " + line))
-        say(f"slimserve ready in {secs:.1f}s: OpenAI API at http://{args.host}:{args.port}/v1, "
-            f"metrics at http://{args.host}:{args.metrics_port}/metrics (Ctrl-C stops)")
+        deploy(cfg, name=app.name, route_prefix=app.route_prefix)
+        secs = wait_ready(lambda line: say("  " + line), name=app.name)
+        say(f"slimserve ready in {secs:.1f}s: OpenAI API at http://{host}:{port}{app.route_prefix.rstrip('/')}/v1, "
+            f"metrics at http://{host}:{args.metrics_port}/metrics (Ctrl-C or SIGTERM stops)")
         try:
             import time
 
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (local.Terminated): the same clean stop
             say("stopping")
     return 0
 
@@ -60,15 +112,23 @@ def _optimize(args) -> int:
     from slimserve.optimizers.pipeline import optimize
     from slimserve.optimizers.report import size_on_disk
 
-    cfg = load_config(args.config)
+    if args.config_flag is not None:
+        print("slimserve optimize: --config is deprecated; give the config as the argument: "
+              "slimserve optimize CONFIG", file=sys.stderr)
+        if args.config is not None and args.config != args.config_flag:
+            raise RunError(f"optimize: two configs given ({args.config} and --config {args.config_flag})")
+    path = args.config or args.config_flag
+    if path is None:
+        raise RunError("optimize: which config? slimserve optimize CONFIG [--model NAME] [--variant NAME]")
     rows = []
-    for m in cfg.models:
+    for cfg, m in [(app.config, m) for app in load_config_file(path).apps for m in app.config.models]:
         if args.model and m.name != args.model:
             continue
         for v in m.variants:
             if args.variant and v.name != args.variant:
                 continue
-            r = optimize(m.source, v.optimization, cfg.cache_dir, v.quality)
+            r = optimize(m.source, v.optimization, cfg.cache_dir, v.quality,
+                         build_timeout_s=v.build_timeout_s, cache_max_gib=cfg.cache_max_gib)
             base_size, size = size_on_disk(r.base), size_on_disk(r.path)
             status = "base" if r.cache_hit is None else ("hit" if r.cache_hit else "built")
             report = r.manifest.get("report", {})
@@ -89,6 +149,21 @@ def _optimize(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    """`slimserve cache ls | prune`: the cache of CONFIG (each application's), --cache-dir, or the default one."""
+    from slimserve.optimizers.cache import cache_command
+    from slimserve.optimizers.models import slimserve_home
+
+    if args.cache_dir:
+        caches = [(args.cache_dir, None)]
+    elif args.config:
+        caches = list(dict.fromkeys((a.config.cache_dir, a.config.cache_max_gib) for a in load_config_file(args.config).apps))
+    else:
+        caches = [(str(slimserve_home() / "artifacts"), None)]
+    max_gib = getattr(args, "max_gib", None)
+    return max(cache_command(args.cache_command, root, cap if max_gib is None else max_gib) for root, cap in caches)
+
+
 def _ab_report(args) -> int:
     import json
 
@@ -104,33 +179,48 @@ def _ab_report(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slimserve", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray and vLLM logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="slimserve", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's and vLLM's logs (and tracebacks)")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="serve the default model as two variants and ask it one question")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("run", help="serve a slimserve config on this machine until Ctrl-C")
-    p.add_argument("config")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p = sub.add_parser("run", help="serve a config on this machine until Ctrl-C or SIGTERM")
+    p.add_argument("config", metavar="CONFIG", help="a slimserve config, or a Ray Serve config file (deploy/*.yaml)")
+    p.add_argument("--app", help="the application to serve, when a Ray Serve config has several slimserve applications")
+    p.add_argument("--host", help="HTTP host (default: the Serve config's http_options.host, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the Serve config's http_options.port, else 8000)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus endpoint (slimserve_*, ray_vllm_*)")
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("config", help="config tools")
+    p = sub.add_parser("config", help="`config validate CONFIG`: check a config, every error with its field path")
     csub = p.add_subparsers(dest="config_command", required=True)
     v = csub.add_parser("validate", help="check a config; print every error with its field path")
-    v.add_argument("config")
+    v.add_argument("config", metavar="CONFIG", help="a slimserve config, or a Ray Serve config file (deploy/*.yaml)")
     v.set_defaults(func=_validate)
 
     p = sub.add_parser("optimize", help="build (or reuse) variants' optimized checkpoints offline")
-    p.add_argument("--config", required=True)
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="a slimserve config, or a Ray Serve config file")
+    p.add_argument("--config", dest="config_flag", metavar="CONFIG", help="deprecated: give CONFIG as the argument")
     p.add_argument("--model", help="only this public model name")
     p.add_argument("--variant", help="only this variant")
     p.set_defaults(func=_optimize)
+
+    p = sub.add_parser("cache", help="the artifact cache: `cache ls` lists it, `cache prune` cleans and shrinks it")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("ls", "list artifacts (method, base, size, last use, in use) and builds in progress"),
+                       ("prune", "remove stale temporaries, then evict least recently used artifacts not in use to a size")):
+        c = cache_sub.add_parser(name, help=text)
+        c.add_argument("config", metavar="CONFIG", nargs="?", help="a config: its cache_dir (default $SLIMSERVE_HOME/artifacts)")
+        c.add_argument("--cache-dir", help="the cache folder itself, instead of a config's")
+        if name == "prune":
+            c.add_argument("--max-gib", type=float, help="size cap in GiB (default: the config's cache_max_gib; 0: all not in use)")
+        c.set_defaults(func=_cache)
 
     p = sub.add_parser("ab-report", help="compare a model's variants from Prometheus, with significance tests and a verdict")
     p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://127.0.0.1:9090")
@@ -146,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(p)
     p.set_defaults(func=run_cli)
 
+    _verbose_after_any_command(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # SIGTERM (Kubernetes, systemd, `kill`) stops every command the way Ctrl-C does.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         return args.func(args)
     except ConfigError as e:
@@ -156,8 +250,40 @@ def main(argv: list[str] | None = None) -> int:
     except QualityGateFailed as e:
         print(e, file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"slimserve: {e}", file=sys.stderr)
+        return 1
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
+    except Exception as e:
+        if args.verbose:
+            raise
+        what = str(e).strip().splitlines()
+        print(f"slimserve {args.command}: {type(e).__name__}: {what[0] if what else ''}\n"
+              "  (run with -v for the traceback and Ray's and vLLM's logs)", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _verbose_after_any_command(parser: argparse.ArgumentParser) -> None:
+    """`-v` also after the command (`slimserve run x.yaml -v`), for every command, nested ones
+    (`config validate`) and ones added later included. SUPPRESS: absent there, the value given
+    before the command stays."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                if "-v" not in p._option_string_actions and "--verbose" not in p._option_string_actions:
+                    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="show Ray's and vLLM's logs (and tracebacks)")
+                _verbose_after_any_command(p)
 
 
 if __name__ == "__main__":

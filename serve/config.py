@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimserve.optimizers.models import DEFAULT_MODEL, slimserve_home
+from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 from slimserve.optimizers.quality import QualityGate
 from slimserve.optimizers.registry import Optimization, parse
 
@@ -133,6 +135,12 @@ class Variant(_Strict):
         None,
         description="Serve a distilled student under this model's name: a checkpoint path, or a recipe "
         "({prune: {...} | config: {...}, distill: {...}}) built once and cached. Short for optimization: {method: student, ...}.",
+    )
+    build_timeout_s: float = Field(
+        DEFAULT_BUILD_TIMEOUT_S, gt=0,
+        description="Longest time building this variant's optimized checkpoint may take. Past it the optimizer's "
+        "process (and all it started) is stopped and the variant fails with the process's last lines of output. A "
+        "replica waiting for another one that builds the same artifact waits up to twice this.",
     )
 
     @field_validator("engine")
@@ -255,6 +263,11 @@ class SlimserveConfig(_Strict):
         default_factory=lambda: str(slimserve_home() / "artifacts"),
         description="Artifact cache folder (a shared volume / PVC in Kubernetes).",
     )
+    cache_max_gib: float | None = Field(
+        None, gt=0,
+        description="Size cap of the artifact cache in GiB: after each build, the least recently used artifacts "
+        "that no replica is serving are evicted until it fits. None: unbounded. (`slimserve cache prune` too.)",
+    )
     models: list[ModelSpec] = Field(min_length=1)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
 
@@ -282,9 +295,9 @@ def format_errors(e: ValidationError) -> list[str]:
 
 
 class ConfigError(Exception):
-    def __init__(self, source: str, lines: list[str]):
+    def __init__(self, source: str, lines: list[str], what: str = "invalid slimserve config"):
         self.lines = lines
-        super().__init__(f"invalid slimserve config {source}:\n" + "\n".join(f"  {l}" for l in lines))
+        super().__init__(f"{what} {source}:\n" + "\n".join(f"  {l}" for l in lines))
 
 
 def load_config(data: str | Path | dict[str, Any]) -> SlimserveConfig:
@@ -292,12 +305,13 @@ def load_config(data: str | Path | dict[str, Any]) -> SlimserveConfig:
     source = "(inline)"
     if not isinstance(data, dict):
         source = str(data)
-        try:
-            data = yaml.safe_load(Path(data).read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"(yaml) {e}"]) from None
+        data = _read_yaml(source)
         if not isinstance(data, dict):
             raise ConfigError(source, ["(top level): expected a mapping with a `models` list"])
+    return _validated(data, source)
+
+
+def _validated(data: dict[str, Any], source: str) -> SlimserveConfig:
     try:
         return SlimserveConfig.model_validate(data)
     except ValidationError as e:
@@ -318,3 +332,122 @@ def _duplicate_names(data: dict[str, Any]) -> list[str]:
         if isinstance(m, dict) and (d := dupes(m.get("variants"))):
             lines.append(f"models.{i}.variants: duplicate variant names: {d}")
     return [l.replace("Value error, ", "") for l in lines]
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, [e.strerror or str(e)], what="cannot read") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(path, [f"(yaml) {e}"]) from None
+
+
+# Ray Serve config files (`serve run FILE`, deploy/*.yaml, a RayService's serveConfigV2) name
+# slimserve's application builder; its `args` are a slimserve config, or {config: PATH}.
+BUILD_APP = "slimserve.serve.app:build_app"
+DEFAULT_APP_NAME = "slimserve"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeApp:
+    """One slimserve application: its name and route prefix in Ray Serve, and its config."""
+
+    name: str
+    route_prefix: str
+    config: SlimserveConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigFile:
+    """A file as `slimserve config validate / run / optimize` read it: a plain slimserve config
+    (one application, `slimserve` at `/`) or a Ray Serve config (one per application whose
+    import_path is slimserve's build_app)."""
+
+    kind: Literal["slimserve", "serve"]
+    apps: list[ServeApp]
+    http_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # a Serve config's `http_options`
+    # What `slimserve run` does not use from a Serve config: other applications, Serve-only settings.
+    ignored: list[str] = dataclasses.field(default_factory=list)
+
+
+def load_config_file(path: str | Path) -> ConfigFile:
+    """Read a plain slimserve config or a Ray Serve config file. Every error of every slimserve
+    application is reported, with the application's index and name in its path
+    (`applications.0[slimserve].args.models.0.variants.1.weight: ...`)."""
+    source = str(path)
+    data = _read_yaml(source)
+    if not isinstance(data, dict):
+        raise ConfigError(source, [
+            "(top level): expected a slimserve config (a mapping with a `models` list) "
+            "or a Ray Serve config (a mapping with an `applications` list)"
+        ])
+    if "applications" not in data:
+        return ConfigFile("slimserve", [ServeApp(DEFAULT_APP_NAME, "/", _validated(data, source))])
+
+    lines: list[str] = []
+    try:
+        from ray.serve.schema import ServeDeploySchema
+    except ImportError:  # pragma: no cover - ray is a dependency; the args are still checked below
+        ServeDeploySchema = None
+    if ServeDeploySchema is not None:
+        try:
+            ServeDeploySchema.model_validate(data)
+        except ValidationError as e:
+            lines += format_errors(e)
+    http = data.get("http_options") if isinstance(data.get("http_options"), dict) else {}
+    ignored = [k for k in data if k not in ("applications", "http_options")]
+    ignored += [f"http_options.{k}" for k in http if k not in ("host", "port")]
+    apps: list[ServeApp] = []
+    applications = data["applications"] if isinstance(data["applications"], list) else []
+    for i, app in enumerate(applications):
+        if not isinstance(app, dict):
+            continue  # the schema's error names it
+        name = str(app.get("name", "default"))
+        where = f"applications.{i}[{name}]"
+        if app.get("import_path") != BUILD_APP:
+            ignored.append(f"{where} (import_path {app.get('import_path')!r})")
+            continue
+        ignored += [f"{where}.{k}" for k in app if k not in ("name", "route_prefix", "import_path", "args")]
+        try:
+            apps.append(ServeApp(name, str(app.get("route_prefix") or "/"), _app_config(app.get("args") or {}, where)))
+        except ConfigError as e:
+            lines += e.lines
+    if not lines and not apps:
+        lines.append(f"applications: no application has import_path {BUILD_APP}")
+    if lines:
+        raise ConfigError(source, lines, what="invalid Ray Serve config")
+    return ConfigFile("serve", apps, {k: http[k] for k in ("host", "port") if k in http}, ignored)
+
+
+def _app_config(args: Any, where: str) -> SlimserveConfig:
+    """An application's `args` as build_app reads them: the config itself, or {config: PATH}
+    (a relative PATH is read from the current directory, as `serve run` reads it)."""
+    if not isinstance(args, dict):
+        raise ConfigError(where, [f"{where}.args: expected a slimserve config or {{config: PATH}}"])
+    if set(args) == {"config"}:
+        ref = str(args["config"])
+        prefix = f"{where}.args.config ({ref})"
+        try:
+            data = _read_yaml(ref)
+        except ConfigError as e:
+            what = "cannot read" if "(yaml)" not in e.lines[0] else "invalid YAML"
+            raise ConfigError(where, [f"{prefix}: {what}: {e.lines[0].removeprefix('(yaml) ')}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(where, [f"{prefix}: expected a mapping with a `models` list"])
+        sep = ": "
+    else:
+        data, prefix, sep = args, f"{where}.args", "."
+    try:
+        return _validated(data, where)
+    except ConfigError as e:
+        raise ConfigError(where, [_under(prefix, sep, line) for line in e.lines]) from None
+
+
+def _under(prefix: str, sep: str, line: str) -> str:
+    """An error line of a slimserve config, moved under `prefix`."""
+    if line.startswith("(top level)"):
+        return prefix + line.removeprefix("(top level)")
+    return f"{prefix}{sep}{line}"

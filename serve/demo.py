@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 
-from .config import load_config
-from .ingress import VARIANT_HEADER
+from .config import SlimserveConfig, load_config
 from .local import deploy, local_cluster, quiet_logs, say, wait_ready
 
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -14,6 +14,59 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 
 def demo_config_path():
     return resources.files("slimserve.serve") / "demo.yaml"
+
+
+def client_api_key(cfg: SlimserveConfig) -> str:
+    """The key the demo's own client sends: with API keys set (`ingress.api_keys_env`, by default
+    SLIMSERVE_API_KEYS) the ingress answers 401 without one of them."""
+    from .guard import api_keys_from_env
+
+    keys = api_keys_from_env(cfg.ingress.api_keys_env)
+    return keys[0].decode() if keys else "not-needed"
+
+
+@dataclass
+class Answer:
+    variant: str | None = None
+    parts: list[str] = field(default_factory=list)
+    ttft_s: float | None = None  # None: no chunk carried text
+    total_s: float = 0.0
+
+
+def ask(client, model: str, question: str) -> Answer:
+    """One streamed chat request; times the first chunk that carries text."""
+    from .ingress import VARIANT_HEADER
+
+    answer = Answer()
+    t0 = time.monotonic()
+    with client.chat.completions.with_streaming_response.create(
+        model=model,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+    ) as response:
+        answer.variant = response.headers.get(VARIANT_HEADER)
+        for chunk in response.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                if answer.ttft_s is None:
+                    answer.ttft_s = time.monotonic() - t0
+                answer.parts.append(chunk.choices[0].delta.content)
+    answer.total_s = time.monotonic() - t0
+    return answer
+
+
+def print_answer(answer: Answer) -> int:
+    """The demo's result lines; 1 if the model answered no text at all."""
+    text = "".join(answer.parts).strip()
+    print(f"\nanswer:  {text or '(no text)'}")
+    print(f"variant: {answer.variant}")
+    if answer.ttft_s is None:
+        print(f"time to first token: none, the stream carried no text   (whole answer {answer.total_s:.2f} s)")
+        say("slimserve demo: the model streamed no text (run with -v for Ray's and vLLM's logs)")
+        return 1
+    print(f"time to first token: {answer.ttft_s * 1000:.0f} ms   (whole answer {answer.total_s:.2f} s, {len(answer.parts)} chunks)")
+    return 0
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8000, question: str = QUESTION, verbose: bool = False) -> int:
@@ -40,25 +93,7 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, question: str = QUESTION
         ready = wait_ready(lambda line: say("      " + line))
         say(f"      ready in {ready:.1f}s")
         say(f"[4/4] asking {model.name!r} through the openai client: {question}")
-        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="not-needed")
-        t0 = time.monotonic()
-        ttft = None
-        parts: list[str] = []
-        with client.chat.completions.with_streaming_response.create(
-            model=model.name,
-            messages=[{"role": "user", "content": question}],
-            max_tokens=64,
-            temperature=0,
-            stream=True,
-        ) as response:
-            variant = response.headers.get(VARIANT_HEADER)
-            for chunk in response.parse():
-                if chunk.choices and chunk.choices[0].delta.content:
-                    ttft = ttft if ttft is not None else time.monotonic() - t0
-                    parts.append(chunk.choices[0].delta.content)
-        total = time.monotonic() - t0
-        print(f"\nanswer:  {''.join(parts).strip()}")
-        print(f"variant: {variant}")
-        print(f"time to first token: {ttft * 1000:.0f} ms   (whole answer {total:.2f} s, {len(parts)} chunks)")
+        client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key=client_api_key(cfg))
+        rc = print_answer(ask(client, model.name, question))
         say("shutting down")
-    return 0
+    return rc

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
+
 from .ab import VariantRoute
 from .config import RequestLimits
 
@@ -27,6 +29,8 @@ class OnLoadSpec(_Handoff):
     cache_dir: str
     accelerator: Literal["cpu", "gpu"]
     required: bool = Field(False, description="A failure to prepare fails the app instead of marking the variant failed.")
+    build_timeout_s: float = Field(DEFAULT_BUILD_TIMEOUT_S, gt=0, description="Longest the optimization may run (Variant.build_timeout_s).")
+    cache_max_gib: float | None = Field(None, gt=0, description="Size cap of the artifact cache (SlimserveConfig.cache_max_gib).")
 
     @property
     def who(self) -> str:

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import SlimserveConfig
+from .config import DEFAULT_APP_NAME, SlimserveConfig
 
-APP_NAME = "slimserve"
+APP_NAME = DEFAULT_APP_NAME
+# Past runs' Ray folders kept (for their logs); older ones are removed when a run starts.
+KEEP_RUNS = 5
+
+
+class RunError(Exception):
+    """A failure of `slimserve run` / `slimserve demo` that the command reports in a few lines,
+    without a traceback (a port in use, a deployment that failed, a start that timed out)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, systemd, `kill`): stops the command the way Ctrl-C does."""
 
 
 def quiet_logs() -> None:
@@ -22,24 +38,51 @@ def quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _stop_signal(signum, frame):
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _still_stopping(signum, frame):
+    say("slimserve: still stopping (Serve gets at most 30 s, then Ray's processes are ended)")
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextmanager
 def local_cluster(
     cfg: SlimserveConfig, *, host: str, port: int, quiet: bool = True, metrics_port: int | None = None
 ) -> Iterator[None]:
-    """Start a local Ray cluster and Serve, deploy `cfg`, and tear everything down on exit —
-    also on Ctrl-C or SIGTERM, so no Ray or vLLM process outlives the command."""
+    """Start a local Ray cluster and Serve, and tear everything down on exit — also on Ctrl-C or
+    SIGTERM, so no Ray or vLLM process outlives the command.
+
+    The start does not depend on what an earlier run left: the cluster is always a new local one
+    (never one named by RAY_ADDRESS), in a Ray folder of its own (`run_folder()`), and the
+    processes still using the folder of an earlier run whose `slimserve` process is gone (killed
+    with SIGKILL, or crashed) are ended first: they hold ports and cores this run needs."""
     import ray
     from ray import serve
 
+    global current_run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # SIGTERM takes the same clean path as Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    clear_stale_runs()
+    _check_port_free(host, port, "--port (the OpenAI API)")
+    if metrics_port:
+        # A port taken here makes Ray's metrics agent fail, and ray.init wait 30 s for a node
+        # that never registers ("The current node timed out during startup").
+        _check_port_free("", metrics_port, "--metrics-port (Ray's Prometheus endpoint)")
+    folder = run_folder(os.getpid())
+    main = _in_main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    if main:
+        signal.signal(signal.SIGTERM, _stop_signal)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        current_run = folder
         ray.init(
+            address="local",
+            _temp_dir=str(folder),
             num_cpus=len(os.sched_getaffinity(0)),
             include_dashboard=False,
             log_to_driver=not quiet,
@@ -47,16 +90,153 @@ def local_cluster(
             # Ray's Prometheus endpoint (slimserve_* and vLLM's metrics); else a random port.
             **({"_metrics_export_port": metrics_port} if metrics_port else {}),
         )
+        if main:
+            # ray.init replaced our SIGTERM handler twice: in Python (sys.exit) and then in C,
+            # where Ray's core worker installs a crash handler that logs "SIGTERM received" and
+            # aborts the process 3 s later (exit 134), before any teardown: Ray's agents were
+            # left running. Take SIGTERM back.
+            signal.signal(signal.SIGTERM, _stop_signal)
         if quiet:
             quiet_logs()
         serve.start(http_options={"host": host, "port": port})
         yield
     finally:
+        if main:  # a second Ctrl-C / SIGTERM must not cut the (bounded) teardown short
+            for s in previous:
+                signal.signal(s, _still_stopping)
         try:
-            serve.shutdown()
+            if ray.is_initialized():  # (serve.shutdown would start a new cluster otherwise)
+                serve.shutdown()
         finally:
-            ray.shutdown()
-            signal.signal(signal.SIGTERM, previous)
+            try:
+                ray.shutdown()
+                _end_processes(_processes_using([folder]), "still running after Ray's shutdown", wait_s=15)
+            finally:
+                current_run = None
+                for s, h in previous.items():
+                    signal.signal(s, h)
+
+
+current_run: Path | None = None  # the Ray folder of the run in progress (its logs: session_latest/logs)
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RunError(f"{what}: port {port} is not free ({e.strerror or e}); stop what holds it, or pick another port") from None
+
+
+def runs_root() -> Path:
+    """Where local runs keep their Ray folders. Ray's sockets live inside, and a Unix socket's
+    path has at most 107 bytes: the folder stays short."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(base if len(base) <= 32 else "/tmp") / f"slimserve-{os.getuid()}"
+
+
+def run_folder(pid: int) -> Path:
+    """The Ray folder (`ray.init(_temp_dir=...)`) of the run of process `pid`: named by the pid
+    and the process's start time, so that a reused pid is not taken for a live run."""
+    return runs_root() / f"{pid}.{_start_digest(pid)}"
+
+
+def _start_digest(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "gone"
+    return hashlib.sha1(started.encode()).hexdigest()[:8]
+
+
+def _run_is_live(folder: Path) -> bool:
+    pid, _, digest = folder.name.partition(".")
+    return pid.isdigit() and digest != "gone" and _start_digest(int(pid)) == digest
+
+
+def _processes_using(folders: list[Path]) -> dict[int, tuple[str, str]]:
+    """Processes writing to a file under one of `folders`: pid -> (start digest, name). Every
+    process of a run does: Ray sends each one's output to a log file in its folder, and vLLM's
+    processes inherit their replica's. (Only writers: someone's `tail -f` of a log is not ours.)"""
+    prefixes = tuple(f"{folder}/" for folder in folders)
+    found: dict[int, tuple[str, str]] = {}
+    if not prefixes or not os.path.isdir("/proc"):
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"/proc/{entry}/fd/{fd}").startswith(prefixes):
+                    continue
+                with open(f"/proc/{entry}/fdinfo/{fd}") as f:
+                    flags = int(next(l for l in f if l.startswith("flags:")).split()[1], 8)
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    name = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60]
+            except (OSError, StopIteration, ValueError, IndexError):
+                continue
+            found[int(entry)] = (_start_digest(int(entry)), name)
+            break
+    return found
+
+
+def clear_stale_runs() -> None:
+    """End what earlier runs left running (their `slimserve` process is gone), and remove all but
+    the newest KEEP_RUNS of their folders."""
+    root = runs_root()
+    try:
+        stale = [d for d in root.iterdir() if d.is_dir() and not _run_is_live(d)]
+    except OSError:
+        return
+    _end_processes(_processes_using(stale), "left by an earlier run that did not stop")
+    stale.sort(key=lambda d: d.stat().st_mtime)
+    for d in stale[: max(0, len(stale) - KEEP_RUNS)]:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _end_processes(procs: dict[int, tuple[str, str]], why: str, wait_s: float = 0) -> None:
+    """Wait up to `wait_s` for `procs` to exit on their own, then SIGTERM, then SIGKILL."""
+    def running(procs):
+        return {pid: t for pid, t in procs.items() if _running(pid, t[0])}
+
+    deadline = time.monotonic() + wait_s
+    while procs and time.monotonic() < deadline:
+        time.sleep(0.5)
+        procs = running(procs)
+    if not procs:
+        return
+    say(f"slimserve: ending {len(procs)} process(es) {why}: " + ", ".join(f"{pid} {t[1]}" for pid, t in sorted(procs.items())))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in procs:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while procs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            procs = running(procs)
+        if not procs:
+            return
+
+
+def _running(pid: int, digest: str) -> bool:
+    """`pid` is still the process we saw (not gone, not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        return False
+    return _start_digest(pid) == digest
 
 
 def check_fits(cfg: SlimserveConfig) -> None:
@@ -77,39 +257,62 @@ def check_fits(cfg: SlimserveConfig) -> None:
     say("GPU shares: " + ", ".join(f"{who} {share:g}" for who, share in shares.items()))
 
 
-def deploy(cfg: SlimserveConfig) -> None:
+def deploy(cfg: SlimserveConfig, name: str = APP_NAME, route_prefix: str = "/") -> None:
     from ray import serve
 
     from .app import build_from_config
 
     # Returns once the deployments exist; wait_ready() then reports the engines coming up.
     serve.run_many(
-        [serve.RunTarget(build_from_config(cfg), name=APP_NAME, route_prefix="/")],
+        [serve.RunTarget(build_from_config(cfg), name=name, route_prefix=route_prefix)],
         wait_for_ingress_deployment_creation=False,
         wait_for_applications_running=False,
     )
 
 
-def wait_ready(on_change: Callable[[str], None] | None = None, timeout_s: float = 1800) -> float:
+def wait_ready(on_change: Callable[[str], None] | None = None, timeout_s: float = 1800, name: str = APP_NAME) -> float:
     """Poll Serve until the app runs; report each deployment's status change. Returns seconds."""
     from ray import serve
 
     t0 = time.monotonic()
     seen: dict[str, str] = {}
     while time.monotonic() - t0 < timeout_s:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(name)
         if app is not None:
-            for name, dep in app.deployments.items():
-                if seen.get(name) != dep.status and on_change:
-                    on_change(f"{time.monotonic() - t0:6.1f}s  {name}: {dep.status}")
-                seen[name] = dep.status
+            for dep_name, dep in app.deployments.items():
+                if seen.get(dep_name) != dep.status and on_change:
+                    on_change(f"{time.monotonic() - t0:6.1f}s  {dep_name}: {dep.status}")
+                seen[dep_name] = dep.status
             if app.status == "RUNNING":
                 return time.monotonic() - t0
             if app.status == "DEPLOY_FAILED":
-                details = "; ".join(f"{n}: {d.message}" for n, d in app.deployments.items() if d.message)
-                raise RuntimeError(f"deployment failed: {app.message or details}")
+                raise RunError(failure_summary(app.message, {n: d.message for n, d in app.deployments.items()}))
         time.sleep(1)
-    raise TimeoutError(f"slimserve did not become ready in {timeout_s:.0f} s")
+    raise RunError(f"slimserve did not become ready in {timeout_s:.0f} s")
+
+
+def failure_summary(app_message: str, deployment_messages: dict[str, str]) -> str:
+    """Serve's DEPLOY_FAILED messages (often whole tracebacks) as a few lines: what failed and
+    the exception that failed it; the full text stays in Serve's logs."""
+    lines = ["deployment failed:"]
+    for who, msg in [("application", app_message), *deployment_messages.items()]:
+        if msg:
+            lines.append(f"  {who}: {_short(msg)}")
+    logs = f"{current_run}/session_latest/logs/serve/" if current_run else "Ray's session folder, logs/serve/"
+    lines.append(f"  (the full messages: {logs}; -v prints Ray's and vLLM's logs here)")
+    return "\n".join(lines)
+
+
+def _short(msg: str, limit: int = 300) -> str:
+    text = msg.strip()
+    head, sep, tb = text.partition("Traceback (most recent call last):")
+    first = head.strip().splitlines()[0] if head.strip() else ""
+    if sep:
+        # The exception line: the last line of the traceback that is not indented (code, frames).
+        last = [l for l in tb.splitlines() if l.strip() and not l.startswith((" ", "\t"))]
+        first = f"{first} {last[-1].strip()}" if last else first
+    first = " ".join(first.split())
+    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 def say(msg: str) -> None:

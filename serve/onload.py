@@ -40,7 +40,10 @@ class OptimizeOnLoad(CallbackBase):
         check_runs_on(parse(spec.optimization), spec.accelerator, spec.who)
         log.info("%s: preparing %s of %s", spec.who, spec.optimization["method"], spec.source)
         # The build can take minutes: keep it off the replica's event loop.
-        result = await asyncio.to_thread(optimize, spec.source, spec.optimization, spec.cache_dir, spec.quality)
+        result = await asyncio.to_thread(
+            optimize, spec.source, spec.optimization, spec.cache_dir, spec.quality,
+            build_timeout_s=spec.build_timeout_s, cache_max_gib=spec.cache_max_gib,
+        )
         _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), spec.who)
         self.llm_config.get_engine_config().hf_model_id = str(result.path)
         # The checkpoint is local: skip Ray Serve LLM's download step.

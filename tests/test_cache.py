@@ -30,8 +30,8 @@ def test_build_then_hit(tmp_path):
     assert manifest["report"] == {"note": "built"} and manifest["method"] == "x"
     path2, manifest2, hit2 = cache.get_or_build(KEY, lambda t: calls.append(1) or write_artifact(t), {})
     assert hit2 and path2 == path and calls == [1]
-    # Nothing but the artifact and its lock is left in the cache root.
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([KEY, f"{KEY}.lock"])
+    # Nothing but the artifact is left in the cache root: the build's lock file goes with the build.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [KEY]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "extra", "manifest"])

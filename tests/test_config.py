@@ -106,3 +106,66 @@ def test_shipped_configs_validate():
 
     cfg = load_config(demo_config_path())
     assert [v.optimization.method for v in cfg.models[0].variants] == ["none", "w8a8"]
+
+
+def test_a_ray_serve_config_is_validated_application_by_application(tmp_path):
+    (tmp_path / "ref.yaml").write_text("models: [{name: m, variants: [{name: a, optimization: {method: gptq9}}]}]\n")
+    r = validate(tmp_path, f"""
+        http_options: {{host: 0.0.0.0, port: 8000}}
+        applications:
+          - name: llm
+            route_prefix: /
+            import_path: slimserve.serve.app:build_app
+            args:
+              colour: blue
+              models:
+                - name: smollm2
+                  variants: [{{name: a, weight: -1}}]
+          - name: by-path
+            route_prefix: /p
+            import_path: slimserve.serve.app:build_app
+            args: {{config: {tmp_path / "ref.yaml"}}}
+          - name: gone
+            route_prefix: /g
+            import_path: slimserve.serve.app:build_app
+            args: {{config: {tmp_path / "missing.yaml"}}}
+          - name: other
+            route_prefix: /o
+            import_path: somebody.else:app
+    """)
+    assert r.returncode == 1, r.stdout
+    err = r.stderr
+    assert "invalid Ray Serve config" in err
+    assert "applications.0[llm].args.colour: Extra inputs are not permitted" in err
+    assert "applications.0[llm].args.models.0.variants.0.weight: Input should be greater than or equal to 0" in err
+    assert f"applications.1[by-path].args.config ({tmp_path / 'ref.yaml'}): models.0.variants.0.optimization: unknown optimization method 'gptq9'" in err
+    assert f"applications.2[gone].args.config ({tmp_path / 'missing.yaml'}): cannot read: No such file or directory" in err
+    assert "other" not in err  # not a slimserve application: not ours to check
+
+
+def test_a_valid_ray_serve_config_passes_and_lists_its_slimserve_apps(tmp_path):
+    r = validate(tmp_path, """
+        applications:
+          - name: llm
+            route_prefix: /llm
+            import_path: slimserve.serve.app:build_app
+            runtime_env: {env_vars: {A: b}}
+            args:
+              models:
+                - name: smollm2
+                  variants: [{name: baseline}, {name: int8, optimization: w8a8}]
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "ok (Ray Serve config, 1 slimserve application(s))" in r.stdout
+    assert "application llm at /llm: 1 model(s), 2 variant(s)" in r.stdout
+    assert "smollm2/int8: w8a8" in r.stdout
+    assert "applications.0[llm].runtime_env" in r.stdout  # what `slimserve run` leaves to `serve run`
+
+
+def test_a_serve_config_without_a_slimserve_application_is_refused(tmp_path):
+    r = validate(tmp_path, """
+        applications:
+          - {name: other, route_prefix: /, import_path: "somebody.else:app"}
+    """)
+    assert r.returncode == 1
+    assert "no application has import_path slimserve.serve.app:build_app" in r.stderr

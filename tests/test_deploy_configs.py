@@ -3,14 +3,16 @@ slimserve's build_app with a valid slimserve config; the Prometheus config passe
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
 from helm_chart import REPO
-from slimserve.serve.config import load_config
+from slimserve.serve.config import load_config, load_config_file
 
 DEPLOY = REPO / "deploy"
 # Every top-level YAML file in deploy/ is a Serve config.
@@ -36,6 +38,22 @@ def _slimserve_config(name: str):
 @pytest.mark.parametrize("name", SERVE_CONFIGS)
 def test_serve_config_valid(name):
     assert _slimserve_config(name).models
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_slimserve_cli_takes_the_serve_config(name):
+    """`slimserve config validate` (and so `run`, `optimize`) reads the files `serve run` takes,
+    from the same directory (`args: {config: PATH}` is relative to it)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", f"deploy/{name}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ok (Ray Serve config, 1 slimserve application(s))" in r.stdout
+    with contextlib.chdir(REPO):
+        (app,) = load_config_file(DEPLOY / name).apps
+    assert (app.name, app.route_prefix) == ("slimserve", "/")
+    assert app.config == _slimserve_config(name)
 
 
 def test_gpu_config_uses_gptq_with_tensor_parallel_2():
