@@ -96,6 +96,19 @@ def deploy_and_wait(config: dict, name: str, timeout_s: float = 900, route_prefi
     raise TimeoutError(f"{name} not running after {timeout_s} s")
 
 
+def engine_info(model_id: str, app: str = "main", timeout_s: float = 10) -> dict | None:
+    """The full record a variant's engine replica keeps (checkpoint path, pid, ...), read through
+    Ray as an operator would; API clients see a public subset in /v1/models. None when no replica
+    answers in time."""
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle(f"SlimServer:{model_id}", app_name=app)
+        return handle.slimserve_info.remote().result(timeout_s=timeout_s)
+    except Exception:
+        return None
+
+
 def undeploy(name: str) -> None:
     from ray import serve
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, free_port, main_config
+from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config
 
 pytestmark = pytest.mark.e2e
 
@@ -271,6 +271,32 @@ def test_a_variant_that_fails_to_load_gets_no_traffic_and_says_why(main_app, pro
         redeploy(main_app, session_cache)
 
 
+def test_ab_report_counts_across_a_redeploy(main_app, prometheus, session_cache):
+    """A weight change replaces the ingress, whose counters start again at 0 in new series while
+    the old ones stop: the report still counts every request of the window."""
+    cmd = [sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2",
+           "--window", "1h", "--json"]
+
+    def reported() -> float:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["variants"]["baseline"]["requests"]
+
+    before = reported()
+    for _ in range(10):
+        assert complete(main_app, headers={"x-slimserve-variant": "baseline"}, max_tokens=1).status_code == 200
+    wait_for(lambda: reported() == before + 10, 90, "report before the redeploy")
+    redeploy(main_app, session_cache, variants=[
+        {"name": "baseline", "weight": 40}, {"name": "int8", "weight": 60, "optimization": {"method": "w8a8"}}])
+    try:
+        for _ in range(5):
+            assert complete(main_app, headers={"x-slimserve-variant": "baseline"}, max_tokens=1).status_code == 200
+        # Once the old ingress is gone its series stop; the report keeps their requests.
+        wait_for(lambda: reported() == before + 15, 120, f"report {before + 15} after the redeploy")
+    finally:
+        redeploy(main_app, session_cache)
+
+
 def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
     # Last in this module: the shadow and weight tests above make the shadow_* series exist.
     """Every slimserve_*, ray_vllm_* and ray_serve_* name in the Grafana dashboard and the alert
@@ -298,7 +324,8 @@ def test_dashboard_and_alert_rules_use_metrics_that_exist(prometheus):
 
 def engine_pids(base_url: str) -> dict[str, int]:
     cards = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
-    return {c["id"]: c["metadata"]["engine"]["pid"] for c in cards if "engine" in c.get("metadata", {})}
+    ids = [c["id"] for c in cards if "engine" in c.get("metadata", {})]
+    return {m: engine_info(m)["pid"] for m in ids}
 
 
 def public_card(base_url: str) -> dict:
