@@ -21,7 +21,7 @@ APP = "main"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def base_url(main_app):
     return main_app
 

@@ -16,6 +16,9 @@ from slimserve.optimizers.cache import MANIFEST, sha256_file
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.quality import QualityGateFailed
 
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
 QUALITY = {"held_out": {"text": "fortunes", "windows": 4, "seq_len": 128}}
 
 
