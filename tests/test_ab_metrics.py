@@ -81,7 +81,9 @@ def by_variant(url: str, query: str) -> dict[str, float]:
 
 
 def ok_counts(url: str) -> dict[str, float]:
-    return by_variant(url, 'sum by (variant) (slimserve_requests_total{model="smollm2",status="200"})')
+    # Each ingress replica has its own series, and one replaced by an earlier test's redeploy
+    # stops exporting: its last value (max over the window, counters only grow) still counts.
+    return by_variant(url, 'sum by (variant) (max_over_time(slimserve_requests_total{model="smollm2",status="200"}[1h]))')
 
 
 def complete(base_url: str, headers: dict | None = None, **body) -> httpx.Response:
