@@ -1,9 +1,7 @@
 """Memory facts of an engine replica for its gauges: resident memory of the replica and its
-engine processes, and GPU memory in use (NVML)."""
+engine processes, and the GPU memory its engine's workers hold."""
 
 from __future__ import annotations
-
-import os
 
 
 def tree_rss_bytes(pid: int) -> int:
