@@ -81,9 +81,9 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-# Unit tests only (no Ray cluster, no engine): seconds.
+# Unit tests only (no Ray cluster, no vLLM engine, no optimizer run, no training): about a minute.
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m "not e2e" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "not e2e and not standalone and not heavy" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OPT) .cache .pytest_cache

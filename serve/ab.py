@@ -101,6 +101,10 @@ class Router:
         model = self.public_name(model)
         if model in self.by_model_id:
             name, route = self.by_model_id[model]
+            if not self.allow_forced:
+                # A variant's own id is a way of forcing it: the operator's choice holds here too.
+                raise RouteError(400, f"`{model}` is a variant of `{name}`; this server routes by the public name "
+                                 f"only (ingress.allow_forced_variant is false): send model `{name}`", "invalid_request_error")
             return self._target(name, route, available, why_not)
         split = self.splits.get(model)
         if split is None:

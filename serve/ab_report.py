@@ -47,10 +47,14 @@ def _by(prom: str, promql: str, *keys: str) -> dict[Any, float]:
 
 
 def delta(series: str, window: str) -> str:
-    """PromQL for how much counter `series` grew in the window. Not `increase()`: a series born
-    inside the window (a variant's first requests, a restarted replica) counts from its first
-    scraped value, which increase() takes as the baseline and so loses; here it counts from 0."""
-    return f"({series} - ({series} offset {window} or {series} * 0))"
+    """PromQL for how much counter `series` grew in the window, summed over its series. Every
+    ingress replica exports its own series (Ray labels them by worker), and a replaced ingress
+    (every weight change) starts new ones at 0 while the old ones stop. Per series: its highest
+    value in the window minus its value at the window's start — 0 for a series born inside the
+    window, also one that ended there (not `increase()`, which loses such a series' first scraped
+    value and extrapolates the rest; not `x - x offset W`, which drops a series that ended)."""
+    grown = f"max_over_time({series}[{window}])"
+    return f"({grown} - ({series} offset {window} or {grown} * 0))"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from ray.serve.llm import LLMConfig, build_openai_app
 
 from .ab import VariantRoute
 from .config import ModelSpec, SlimserveConfig, Variant, load_config
+from .cpu_binding import SLOTS_ENV, core_binder, slots_for
 from .handoff import IngressSpec, OnLoadSpec
 from .ingress import SlimserveIngress
 from .onload import OptimizeOnLoad
@@ -43,23 +44,6 @@ def accelerator() -> str:
         return "cpu"
     except metadata.PackageNotFoundError:
         return "gpu"
-
-
-def _core_binder(n_cores: int, n_ranks: int):
-    """Returns a function handing out disjoint core sets, one per engine rank: the cores are
-    split evenly between all ranks (wrapping around, with a warning, when there are too few)."""
-    per_rank = max(1, n_cores // max(1, n_ranks))
-    if n_ranks > n_cores:
-        log.warning("%d CPU engine ranks on %d cores: some share a core and will be slow", n_ranks, n_cores)
-    nxt = 0
-
-    def take() -> list[int]:
-        nonlocal nxt
-        cores = [(nxt + i) % n_cores for i in range(per_rank)]
-        nxt = (nxt + per_rank) % n_cores
-        return cores
-
-    return take
 
 
 def cluster_gpus() -> list[int]:
@@ -116,11 +100,12 @@ def llm_config_for(
         if dep.cpu_threads_bind != "auto":
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", dep.cpu_threads_bind)
         elif bind_cores is not None:
-            # One core set per tensor-parallel rank, ranks separated by '|'.
-            env.setdefault(
-                "VLLM_CPU_OMP_THREADS_BIND",
-                "|".join(",".join(map(str, bind_cores())) for _ in range(eng.tensor_parallel_size)),
-            )
+            # Cores of its own for every replica: one slot each, claimed when the replica starts.
+            slots = slots_for(bind_cores, dep.replicas, eng.tensor_parallel_size)
+            if dep.replicas == 1:
+                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", slots[0])
+            else:
+                env.setdefault(SLOTS_ENV, ";".join(slots))
         # The engine's processes are not Ray actors; reserve one bundle per rank and let the
         # replica actor itself take no CPU (otherwise two engines need four CPUs on two cores).
         placement = {"bundles": [{"CPU": dep.num_cpus_per_worker}] * eng.tensor_parallel_size}
@@ -165,8 +150,8 @@ def llm_config_for(
 def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Application:
     """`gpus`: GPUs per node to plan GPU shares against; default: the connected Ray cluster's."""
     accel = accelerator()
-    ranks = sum(m.engine_for(v).tensor_parallel_size for m in cfg.models for v in m.variants)
-    bind = _core_binder(len(os.sched_getaffinity(0)), ranks) if accel == "cpu" else None
+    ranks = sum(m.engine_for(v).tensor_parallel_size * m.deployment.replicas for m in cfg.models for v in m.variants)
+    bind = core_binder(len(os.sched_getaffinity(0)), ranks) if accel == "cpu" else None
     shares: dict[str, float] = {}
     if accel == "gpu":
         shares, problems = gpu_plan(cfg, cluster_gpus() if gpus is None else gpus)

@@ -68,6 +68,13 @@ class EngineSettings(_Strict):
         bad = {"model", "served_model_name", "quantization"} & set(v)
         if bad:
             raise ValueError(f"{sorted(bad)} are set by slimserve from the model source and variant")
+        unsafe = {"load_format", "trust_remote_code"} & set(v)
+        if unsafe:
+            # Weights from safetensors only and no code from the model folder: the safety the README promises.
+            raise ValueError(
+                f"{sorted(unsafe)} cannot be set here: slimserve loads safetensors only, and a model's own code runs "
+                "only with `trust_remote_code: true` on the model (models[].trust_remote_code)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -227,9 +234,19 @@ class RequestLimits(_Strict):
 
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (Content-Length).")
     max_tokens: int = Field(4096, ge=1, description="Largest `max_tokens` / `max_completion_tokens`.")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="`max_tokens` of a request that sets neither it nor `max_completion_tokens` "
+        "(vLLM would generate up to the context limit). At most `max_tokens`."
+    )
     max_n: int = Field(4, ge=1, description="Largest `n` (and `best_of`): completions generated per request.")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions request (a list `prompt`).")
     max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "RequestLimits":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} is more than max_tokens {self.max_tokens}")
+        return self
 
 
 class IngressSettings(_Strict):

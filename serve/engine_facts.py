@@ -1,10 +1,7 @@
 """Memory facts of an engine replica for its gauges: resident memory of the replica and its
-engine processes, and GPU memory in use (NVML)."""
+engine processes, and the GPU memory its engine's workers hold."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -21,18 +18,18 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def gpu_memory_used_bytes() -> int | None:
-    """Memory in use on the GPUs visible to this replica (NVML), None without a GPU."""
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+async def engine_gpu_memory_bytes(engine_client) -> int | None:
+    """GPU memory held by this engine's own workers (torch's reserved memory in each of them:
+    weights, KV cache, activations), asked of vLLM's workers themselves. Not NVML's device-wide
+    `used`: on a GPU shared by several variants that would count every neighbour's engine too.
+    None when the engine has no GPU workers."""
+    if engine_client is None or not hasattr(engine_client, "collective_rpc"):
         return None
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else range(pynvml.nvmlDeviceGetCount())
-        return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used for i in indices)
-    except Exception:
-        return None
+    per_worker = await engine_client.collective_rpc(_reserved_bytes)
+    return sum(per_worker) if any(per_worker) else None
+
+
+def _reserved_bytes(worker) -> int:
+    import torch
+
+    return torch.cuda.memory_reserved() if torch.cuda.is_available() else 0

@@ -6,6 +6,7 @@ with Ray Serve LLM's own `ErrorResponse`."""
 from __future__ import annotations
 
 import hmac
+import json
 import os
 
 from fastapi import status
@@ -14,6 +15,8 @@ from starlette.responses import JSONResponse
 
 from .config import RequestLimits
 from .rayllm import OpenAIHTTPException
+
+VARIANT_HEADER = "x-slimserve-variant"
 
 
 def error_json(code: int, message: str, type_: str) -> bytes:
@@ -34,9 +37,11 @@ def api_keys_from_env(name: str | None) -> list[bytes]:
 
 
 class GuardMiddleware:
-    """ASGI middleware in front of every route of the ingress: API key (when keys are set) and
-    body size. Open paths: none here — Serve's proxy answers /-/healthz and /-/routes itself,
-    and metrics are on Ray's own port, so probes and scrapers need no key."""
+    """ASGI middleware in front of every route of the ingress: API key (when keys are set), body
+    size (counted on the bytes received, so a chunked body without Content-Length is bounded
+    too), a JSON body for JSON routes, and on every answer — errors included — the request id and,
+    once a variant was chosen, `x-slimserve-variant`. Open paths: none here — Serve's proxy
+    answers /-/healthz and /-/routes itself, and metrics are on Ray's own port."""
 
     def __init__(self, app, api_keys: list[bytes], max_body_bytes: int):
         self.app = app
@@ -46,6 +51,7 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = _with_answer_headers(scope, send)
         headers = dict(scope.get("headers") or [])
         if self.api_keys:
             auth = headers.get(b"authorization", b"")
@@ -56,11 +62,79 @@ class GuardMiddleware:
                 return await _send_error(send, 401, message, "authentication_error", {"www-authenticate": "Bearer"})
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _send_error(
-                send, 413, f"request body is {int(length)} bytes; this server allows at most {self.max_body_bytes} "
-                "(ingress.limits.max_body_bytes)", "invalid_request_error"
-            )
+            return await _send_error(send, 413, self._too_big(int(length)), "invalid_request_error")
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            # Read the body here (it is bounded): its size is what was received, whatever the
+            # headers said, and a JSON route gets a 400 for a body that is not JSON, not a 500.
+            body, size = await _read_body(receive, self.max_body_bytes)
+            if body is None:
+                return await _send_error(send, 413, self._too_big(size), "invalid_request_error")
+            if body and _json_route(scope):
+                try:
+                    json.loads(body)
+                except ValueError:
+                    return await _send_error(send, 400, "the request body is not valid JSON", "invalid_request_error")
+            receive = _replay(body, receive)
         return await self.app(scope, receive, send)
+
+    def _too_big(self, size: int) -> str:
+        return (f"request body is {size} bytes or more; this server allows at most {self.max_body_bytes} "
+                "(ingress.limits.max_body_bytes)")
+
+
+async def _read_body(receive, most: int) -> tuple[bytes | None, int]:
+    """The whole request body, or (None, bytes so far) once it passes `most`."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > most:
+            return None, size
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), size
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then whatever comes next (a disconnect)
+
+    return replayed
+
+
+def _json_route(scope) -> bool:
+    # Every POST route of the OpenAI API takes JSON, except audio uploads (multipart forms).
+    return not scope.get("path", "").startswith("/v1/audio/")
+
+
+def _with_answer_headers(scope, send):
+    """Adds the request id and the chosen variant (ingress._route puts it in the request's
+    state) to the answer, unless the route set them itself."""
+
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers") or [])
+            names = {k.lower() for k, _ in headers}
+            state = scope.get("state") or {}
+            request_id = state.get("request_id") or dict(scope.get("headers") or []).get(b"x-request-id", b"").decode()
+            if request_id and b"x-request-id" not in names:
+                headers.append((b"x-request-id", request_id.encode()))
+            if state.get("slimserve_variant") and VARIANT_HEADER.encode() not in names:
+                headers.append((VARIANT_HEADER.encode(), state["slimserve_variant"].encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
 
 
 async def _send_error(send, code: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:
@@ -82,9 +156,12 @@ def check_limits(body, limits: RequestLimits) -> None:
                 "invalid_request_error",
             )
 
-    for param in ("max_tokens", "max_completion_tokens"):
-        if getattr(body, param, None) is not None:
-            too_many(param, getattr(body, param), limits.max_tokens, "max_tokens")
+    given = [p for p in ("max_tokens", "max_completion_tokens") if getattr(body, p, None) is not None]
+    for param in given:
+        too_many(param, getattr(body, param), limits.max_tokens, "max_tokens")
+    if not given and hasattr(body, "max_tokens"):
+        # Without it vLLM generates up to the context limit (a minute and more on a CPU host).
+        body.max_tokens = limits.default_max_tokens
     for param in ("n", "best_of"):
         if getattr(body, param, None) is not None:
             too_many(param, getattr(body, param), limits.max_n, "max_n")

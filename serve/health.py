@@ -31,7 +31,7 @@ class State(str, Enum):
     WAITING_FOR_RESOURCES = "waiting_for_resources"  # its replica cannot be placed (yet)
     READY = "ready"
     FAILED = "failed"  # its on-load step failed, or its deployment did
-    UNHEALTHY = "unhealthy"  # up, but not answering its health check
+    UNHEALTHY = "unhealthy"  # Serve's health checks fail
 
 
 @dataclass
@@ -54,8 +54,10 @@ def from_deployment_status(status: str, message: str) -> VariantHealth:
     status = str(status).rsplit(".", 1)[-1].upper()
     if status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
         return VariantHealth(State.READY)
-    if status in ("UNHEALTHY", "DEPLOY_FAILED"):
+    if status == "DEPLOY_FAILED":
         return VariantHealth(State.FAILED, _short(message) or "its deployment failed")
+    if status == "UNHEALTHY":
+        return VariantHealth(State.UNHEALTHY, _short(message) or "its replicas fail their health checks")
     if _NOT_SCHEDULED in message:
         return VariantHealth(State.WAITING_FOR_RESOURCES, _short(message))
     return VariantHealth(State.LOADING, "optimizing or starting its engine")
@@ -146,22 +148,20 @@ class HealthBoard:
         return out
 
     async def _probe(self, model_id: str, serve_view: VariantHealth | None) -> VariantHealth:
-        """Serve's view, then (for a deployment Serve thinks is up) the engine's own answer. A
-        handle is only called once Serve has a running replica behind it: a call to a
-        deployment without one would wait for it."""
+        """Serve's view — which includes the replicas' own health checks — then, for a deployment
+        Serve thinks is up, the engine's record (did its on-load step fail? what did it load?). A
+        handle is only called once Serve has a running replica behind it: a call to a deployment
+        without one would wait for it. A record that is slow to come (a busy host) leaves the
+        variant as Serve sees it: ready; a slow answer is not a failure."""
         if serve_view is None:
             return VariantHealth(State.LOADING, "not deployed yet")
         if not serve_view.available:
             return serve_view
-        handle = self._handles[model_id]
         try:
-            info = await asyncio.wait_for(handle.slimserve_info.remote(), timeout=PROBE_TIMEOUT_S)
+            info = await asyncio.wait_for(self._handles[model_id].slimserve_info.remote(), timeout=PROBE_TIMEOUT_S)
         except Exception as e:
-            return VariantHealth(State.UNHEALTHY, f"not answering its health check ({type(e).__name__})")
+            log.info("%s: no engine record yet (%s); Serve reports it healthy", model_id, type(e).__name__)
+            return VariantHealth(State.READY)
         if info.get("failed"):
             return VariantHealth(State.FAILED, f"failed to load: {info['failed']}", engine=info)
-        try:
-            await asyncio.wait_for(handle.check_health.remote(), timeout=PROBE_TIMEOUT_S)
-        except Exception as e:
-            return VariantHealth(State.UNHEALTHY, f"not answering its health check ({type(e).__name__})", engine=info)
         return VariantHealth(State.READY, engine=info)

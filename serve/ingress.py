@@ -9,6 +9,7 @@ which are up) -> the variant's engine deployment (Ray Serve LLM) -> the answer, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -21,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from . import telemetry
 from .ab import RouteError, Router, Target
-from .guard import GuardMiddleware, api_keys_from_env, check_limits, error_response
+from .guard import VARIANT_HEADER, GuardMiddleware, api_keys_from_env, check_limits, error_response
 from .handoff import IngressSpec
 from .health import HealthBoard
 from .model_cards import public_card, variant_card
@@ -30,7 +31,6 @@ from .shadow import ShadowCopies
 
 log = logging.getLogger("slimserve.ingress")
 
-VARIANT_HEADER = "x-slimserve-variant"
 USER_HEADER = "x-slimserve-user"
 # Label for requests naming no model slimserve serves: never the client's string (unbounded
 # label values, and it may carry anything the client typed).
@@ -52,7 +52,8 @@ class SlimserveIngress(OpenAiIngress):
         self._health = HealthBoard(handles, app_name, serve.status)
         self._shadow = ShadowCopies(self._spec.shadow_max_in_flight, super()._get_response)
         self._probe_task: asyncio.Task | None = None
-        self._timers: dict[int, telemetry.RequestTimer] = {}
+        # id(body) -> (timer, rename): what _get_response needs of a request in flight.
+        self._in_flight: dict[int, tuple[telemetry.RequestTimer, tuple[str, str] | None]] = {}
 
     def _set_asgi_app(self, app) -> None:
         # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last
@@ -75,6 +76,7 @@ class SlimserveIngress(OpenAiIngress):
             # OpenAIHTTPException: Ray Serve LLM's middleware answers it in OpenAI's shape.
             raise OpenAIHTTPException(e.status, e.message, e.type) from None
         body.model = target.model_id
+        request.state.slimserve_variant = target.variant  # guard.py puts it on every answer, errors too
         return target
 
     async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
@@ -90,7 +92,11 @@ class SlimserveIngress(OpenAiIngress):
         if target.shadow_model_id:
             shadow = self._router.by_model_id[target.shadow_model_id][1].variant
             self._shadow.send(body, call_method, target.shadow_model_id, {"model": target.model, "variant": shadow})
-        timer = self._timers[id(body)] = telemetry.start_timer(body, labels)
+        timer = telemetry.start_timer(body, labels)
+        # Answers name the model the client asked for (OpenAI clients compare it); the variant
+        # is in the header. A client that asked for a variant's own id gets that id.
+        asked = requested if requested is not None else target.model
+        self._in_flight[id(body)] = (timer, (target.model_id, asked) if asked != target.model_id else None)
         try:
             response = await handler(body, request)
         except BackPressureError as e:
@@ -109,7 +115,7 @@ class SlimserveIngress(OpenAiIngress):
             timer.finish("cancelled")
             raise
         finally:
-            self._timers.pop(id(body), None)
+            self._in_flight.pop(id(body), None)
         response.headers[VARIANT_HEADER] = target.variant
         if isinstance(response, StreamingResponse):
             response.body_iterator = telemetry.finish_after(response.body_iterator, timer)
@@ -134,19 +140,49 @@ class SlimserveIngress(OpenAiIngress):
         )
 
     async def _get_response(self, *, body, call_method, raw_request=None):
-        timer = self._timers.pop(id(body), None)
+        timer, rename = self._in_flight.pop(id(body), (None, None))
         async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
             if timer is not None:
                 item = timer.saw(item)
                 if item is None:
                     continue
-            yield item
+            yield _renamed(item, rename) if rename else item
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         return await self._answer(super().chat, body, request, "chat")
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         return await self._answer(super().completions, body, request, "completions")
+
+    # --- the other routes of Ray Serve LLM's ingress --------------------------------------
+    # Same signatures as the parent's (FastAPI reads them), so the routes keep their request models.
+
+    def _generative_only(name: str):
+        @functools.wraps(getattr(OpenAiIngress, name))
+        async def refuse(self, body, request: Request) -> Response:
+            raise OpenAIHTTPException(400, f"slimserve serves generative models: /{name} is not available here "
+                                      "(use /v1/chat/completions or /v1/completions)", "invalid_request_error")
+        return refuse
+
+    embeddings = _generative_only("embeddings")
+    score = _generative_only("score")
+    transcriptions = _generative_only("transcriptions")
+
+    def _routed(name: str):
+        """Tokenizer routes: the variant is chosen (and must be up) like for a completion."""
+        @functools.wraps(getattr(OpenAiIngress, name))
+        async def routed(self, body, request: Request) -> Response:
+            try:
+                await self._route(body, request)
+            except OpenAIHTTPException as e:
+                telemetry.record_refused(body.model if body.model in self._router.splits else UNKNOWN_MODEL, e.status_code)
+                raise
+            return await getattr(super(SlimserveIngress, self), name)(body, request)
+        return routed
+
+    tokenize = _routed("tokenize")
+    detokenize = _routed("detokenize")
+    del _generative_only, _routed
 
     # --- variant health -------------------------------------------------------------------
 
@@ -194,3 +230,16 @@ class SlimserveIngress(OpenAiIngress):
         variant_cards = [await self.model(m) for m in self._model_cards]
         public = [public_card(name, self._router, self._health.state_of) for name in self._router.splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])
+
+
+def _renamed(item, rename: tuple[str, str]):
+    """An engine answer with `model` set to the name the client asked for: SSE text (a stream
+    chunk, or a batch of them) or a response object."""
+    model_id, asked = rename
+    if isinstance(item, list):
+        return [_renamed(x, rename) for x in item]
+    if isinstance(item, str):
+        return item.replace(f'"model":"{model_id}"', f'"model":"{asked}"')
+    if getattr(item, "model", None) == model_id:
+        return item.model_copy(update={"model": asked})
+    return item

@@ -41,7 +41,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_model_weight_bytes": ("gauge", "Bytes of the served weight tensors as stored (packed for quantized layers).", REQUEST, None),
     "slimserve_checkpoint_bytes": ("gauge", "Bytes of the served checkpoint folder on disk.", REQUEST, None),
     "slimserve_process_rss_bytes": ("gauge", "Resident memory of the engine replica and its engine processes.", REQUEST, None),
-    "slimserve_gpu_memory_used_bytes": ("gauge", "GPU memory in use on the replica's GPUs (GPU hosts only).", REQUEST, None),
+    "slimserve_gpu_memory_used_bytes": ("gauge", "GPU memory held by the variant's own engine workers (torch reserved memory: weights, KV cache, activations; GPU hosts only).", REQUEST, None),
     "slimserve_optimization_seconds": ("gauge", "Seconds the replica spent preparing its checkpoint (optimizing, or verifying a cached one).", REQUEST + ("method",), None),
     "slimserve_optimization_runs_total": ("counter", "Checkpoint preparations at replica start, by artifact cache `hit` or `miss`.", REQUEST + ("method", "cache"), None),
     "slimserve_quality_ratio": ("gauge", "Quality of the variant against its base: `ppl_ratio` (perplexity / base perplexity) or `teacher_agreement`.", REQUEST + ("metric",), None),

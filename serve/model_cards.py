@@ -3,6 +3,8 @@ per variant (what its running engine reported). Built from what the ingress alre
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .ab import Router
 from .health import VariantHealth
 from .rayllm import ModelCard
@@ -30,6 +32,19 @@ def variant_card(card: ModelCard, name: str, variant: str, health: VariantHealth
     meta = {
         **card.metadata, "public_name": name, "variant": variant, "state": health.state.value,
         **({"unavailable_because": health.describe()} if not health.available else {}),
-        "engine": health.engine,
+        "engine": public_engine_facts(health.engine),
     }
     return card.model_copy(update={"metadata": meta})
+
+
+def public_engine_facts(info: dict) -> dict:
+    """What a variant's engine reported, minus what API clients have no business seeing (file
+    paths on the server, process ids): the artifact is named by its cache key. Operators get the
+    whole record from the deployment (`slimserve_info`) through Ray."""
+    out = {k: v for k, v in info.items() if k not in ("pid", "checkpoint")}
+    if "optimization" in info:
+        optimization = {k: v for k, v in (info["optimization"] or {}).items() if k not in ("checkpoint", "base")}
+        if info["optimization"] and info["optimization"].get("cache_hit") is not None:
+            optimization["artifact"] = Path(info["optimization"]["checkpoint"]).name
+        out["optimization"] = optimization
+    return out

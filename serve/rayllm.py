@@ -23,6 +23,7 @@ __all__ = [
     "experimental_configs",
     "FirstChunkAtOnce",
     "first_chunk_at_once",
+    "engine_client",
 ]
 
 
@@ -71,3 +72,8 @@ class FirstChunkAtOnce:
     def _batch_output_stream(self, generator):
         interval = self._llm_config.experimental_configs.get("stream_batching_interval_ms")
         return first_chunk_at_once(generator, 50 if interval is None else interval)
+
+
+def engine_client(server):
+    """vLLM's engine client (AsyncLLM) inside a running LLMServer, or None (no engine)."""
+    return getattr(getattr(server, "engine", None), "_engine_client", None)

@@ -15,10 +15,11 @@ from ray.serve.llm.deployment import LLMServer
 
 from slimserve.optimizers.report import size_on_disk, weight_bytes
 
-from .engine_facts import gpu_memory_used_bytes, tree_rss_bytes
+from .cpu_binding import SLOTS_ENV, claim_slot
+from .engine_facts import engine_gpu_memory_bytes, tree_rss_bytes
 from .handoff import OnLoadSpec, PreparedCheckpoint
 from .metrics import metric
-from .rayllm import FirstChunkAtOnce
+from .rayllm import FirstChunkAtOnce, engine_client
 from .start_lock import one_start_per_node
 
 log = logging.getLogger("slimserve.server")
@@ -33,6 +34,10 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         self.spec = OnLoadSpec.model_validate(self._llm_config.callback_config.callback_kwargs)
         self.timings: dict[str, float] = {}
         t0 = time.monotonic()
+        slots = os.environ.get(SLOTS_ENV)
+        if slots:  # several replicas of a CPU engine: this one's own cores
+            self._cpu_slot = await asyncio.to_thread(claim_slot, self.spec.who, slots.split(";"))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_slot.binding  # read when the engine starts
         try:
             # The on-load step (optimizing) runs inside start(), before the engine: both hold the lock.
             async with one_start_per_node(self.spec.who, self.spec.accelerator == "gpu", self.timings):
@@ -71,8 +76,10 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
             metric("slimserve_quality_ratio").set(quality["ppl_ratio"], tags={**labels, "metric": "ppl_ratio"})
         elif method == "none":
             metric("slimserve_quality_ratio").set(1.0, tags={**labels, "metric": "ppl_ratio"})
-        if "teacher_agreement" in quality:
-            metric("slimserve_quality_ratio").set(quality["teacher_agreement"], tags={**labels, "metric": "teacher_agreement"})
+        # A student's agreement with its teacher (optimizers/student.py puts it in the report).
+        agreement = (prep.report.get("agreement") or {}).get("top1_agreement")
+        if agreement is not None:
+            metric("slimserve_quality_ratio").set(agreement, tags={**labels, "metric": "teacher_agreement"})
 
     async def _report_forever(self) -> None:
         """Ray drops a gauge that is not set again within a few export periods, so the gauges
@@ -88,7 +95,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
                     metric("slimserve_checkpoint_bytes").set(sizes[0], tags=labels)
                     metric("slimserve_model_weight_bytes").set(sizes[1], tags=labels)
                 metric("slimserve_process_rss_bytes").set(tree_rss_bytes(os.getpid()), tags=labels)
-                gpu = gpu_memory_used_bytes()
+                gpu = await engine_gpu_memory_bytes(engine_client(self)) if self.spec.accelerator == "gpu" else None
                 if gpu is not None:
                     metric("slimserve_gpu_memory_used_bytes").set(gpu, tags=labels)
             except Exception as e:  # metrics must never take the engine down
@@ -97,8 +104,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
 
     async def slimserve_info(self) -> dict[str, Any]:
         """Facts from the live vLLM engine and the on-load step, for /v1/models and tests."""
-        engine_client = getattr(self.engine, "_engine_client", None)
-        vllm_config = getattr(engine_client, "vllm_config", None)
+        vllm_config = getattr(engine_client(self), "vllm_config", None)
         prep = self._prepared()
         info: dict[str, Any] = {"optimization": prep.model_dump() if prep else {}, "pid": os.getpid(),
                                 "timings": getattr(self, "timings", {})}

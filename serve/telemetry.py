@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from .guard import error_json
 from .metrics import metric
 
 log = logging.getLogger("slimserve.telemetry")
@@ -170,7 +171,6 @@ async def finish_after(iterator, timer: RequestTimer):
         status_label = "error"
         log.error("%s/%s: stream broke: %s", timer.labels["model"], timer.labels["variant"], e)
         message = f"variant `{timer.labels['variant']}` failed mid-stream ({type(e).__name__}); retry the request"
-        error = {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}
-        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+        yield f"data: {error_json(500, message, 'InternalServerError').decode()}\n\ndata: [DONE]\n\n"
     finally:
         timer.finish(status_label)

@@ -96,6 +96,19 @@ def deploy_and_wait(config: dict, name: str, timeout_s: float = 900, route_prefi
     raise TimeoutError(f"{name} not running after {timeout_s} s")
 
 
+def engine_info(model_id: str, app: str = "main", timeout_s: float = 10) -> dict | None:
+    """The full record a variant's engine replica keeps (checkpoint path, pid, ...), read through
+    Ray as an operator would; API clients see a public subset in /v1/models. None when no replica
+    answers in time."""
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle(f"SlimServer:{model_id}", app_name=app)
+        return handle.slimserve_info.remote().result(timeout_s=timeout_s)
+    except Exception:
+        return None
+
+
 def undeploy(name: str) -> None:
     from ray import serve
 
@@ -135,10 +148,24 @@ def main_config(session_cache: Path, ingress: dict | None = None, **model_overri
 
 
 @pytest.fixture(scope="session")
-def main_app(serve_url, session_cache):
-    deploy_and_wait(main_config(session_cache), MAIN_APP)
+def _main_app_session(serve_url):
     yield serve_url
-    undeploy(MAIN_APP)
+    from ray import serve
+
+    if MAIN_APP in serve.status().applications:
+        undeploy(MAIN_APP)
+
+
+@pytest.fixture
+def main_app(_main_app_session, session_cache):
+    """The shared app, deployed if it is not (first use, or a test that needed every core
+    released it): tests pass in any order; the ordering above only saves redeploys."""
+    from ray import serve
+
+    app = serve.status().applications.get(MAIN_APP)
+    if app is None or app.status != "RUNNING":
+        deploy_and_wait(main_config(session_cache), MAIN_APP)
+    return _main_app_session
 
 
 def release_main_app() -> None:

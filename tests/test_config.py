@@ -169,3 +169,18 @@ def test_a_serve_config_without_a_slimserve_application_is_refused(tmp_path):
     """)
     assert r.returncode == 1
     assert "no application has import_path slimserve.serve.app:build_app" in r.stderr
+
+
+@pytest.mark.parametrize("key", ["load_format", "trust_remote_code"])
+def test_engine_extra_cannot_undo_the_loading_safety(key):
+    with pytest.raises(ConfigError) as e:
+        load_config({"models": [{"name": "m", "engine": {"extra": {key: "pt" if key == "load_format" else True}},
+                                 "variants": [{"name": "a"}]}]})
+    assert any(line.startswith("models.0.engine.extra:") and key in line for line in e.value.lines), e.value.lines
+
+
+def test_default_max_tokens_must_be_within_the_limit():
+    with pytest.raises(ConfigError) as e:
+        load_config({"models": [{"name": "m", "variants": [{"name": "a"}]}],
+                     "ingress": {"limits": {"max_tokens": 100, "default_max_tokens": 500}}})
+    assert any("ingress.limits" in line and "default_max_tokens 500" in line for line in e.value.lines), e.value.lines

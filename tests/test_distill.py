@@ -16,6 +16,9 @@ import pytest
 
 from slimserve.optimizers.models import resolve_source
 
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
 FAST = ["--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--text", "fortunes"]
 
 

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from conftest import engine_info
+
 pytestmark = pytest.mark.e2e
 
 
@@ -22,10 +24,9 @@ def engine_cores() -> list[psutil.Process]:
 
 
 def baseline_pid(base_url: str) -> int | None:
-    """The baseline engine replica's process id, as it reports it in /v1/models."""
-    cards = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
-    engine = next(c["metadata"]["engine"] for c in cards if c["id"] == "smollm2--baseline")
-    return engine.get("pid")
+    """The baseline engine replica's process id, as it reports it (through Ray)."""
+    info = engine_info("smollm2--baseline", timeout_s=5)
+    return info.get("pid") if info else None
 
 
 def test_a_replica_killed_mid_stream(main_app):

@@ -107,3 +107,82 @@ def test_api_keys(keyed_app):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed_app}/v1", api_key="sk-nope", max_retries=0).models.list()
     assert httpx.get(f"{keyed_app}/-/healthz", timeout=30).status_code == 200
+
+
+def test_a_chunked_body_without_length_is_bounded_too(main_app):
+    def chunks():  # no Content-Length: Transfer-Encoding: chunked
+        yield b'{"model": "smollm2", "prompt": "'
+        for _ in range(40):
+            yield b"x" * 50_000
+        yield b'"}'
+
+    r = httpx.post(f"{main_app}/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+
+
+def test_a_body_that_is_not_json_is_a_400(main_app):
+    r = httpx.post(f"{main_app}/v1/chat/completions", content=b"hello", headers={"content-type": "text/plain"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and "JSON" in r.json()["error"]["message"]
+
+
+def test_a_request_without_max_tokens_gets_the_default(main_app):
+    # An unknown role and no max_tokens once ran to the context limit (67 s on CPU).
+    r = httpx.post(f"{main_app}/v1/chat/completions", timeout=120, json={
+        "model": "smollm2", "messages": [{"role": "narrator", "content": "Tell a long story."}], "temperature": 0})
+    if r.status_code == 200:
+        usage = r.json()["usage"]
+        assert usage["completion_tokens"] <= 1024  # ingress.limits.default_max_tokens
+    else:
+        assert r.status_code == 400 and "Traceback" not in r.text  # vLLM may refuse the role itself
+
+
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/v1/score"])
+def test_routes_a_generative_model_cannot_serve_are_refused_in_openai_shape(main_app, route):
+    body = {"model": "smollm2", "input": "hi"} if route == "/v1/embeddings" else {"model": "smollm2", "text_1": "a", "text_2": "b"}
+    r = httpx.post(f"{main_app}{route}", json=body, timeout=60)
+    assert r.status_code == 400 and "generative" in r.json()["error"]["message"]
+
+
+def test_tokenize_is_routed_to_a_variant(main_app):
+    r = httpx.post(f"{main_app}/tokenize", json={"model": "smollm2", "prompt": "Hello world"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] >= 2 and r.headers["x-slimserve-variant"] in ("baseline", "int8")
+    r = httpx.post(f"{main_app}/tokenize", json={"model": "nope", "prompt": "x"}, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_answers_name_the_model_the_client_asked_for(main_app):
+    client = openai.OpenAI(base_url=f"{main_app}/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model="smollm2", messages=QUESTION, max_tokens=2)
+    assert raw.parse().model == "smollm2" and raw.headers["x-slimserve-variant"] in ("baseline", "int8")
+    stream = client.completions.create(model="smollm2", prompt="Hi", max_tokens=3, stream=True)
+    assert {chunk.model for chunk in stream} == {"smollm2"}
+    # Asking for a variant's own id gets that id back.
+    assert client.completions.create(model="smollm2--int8", prompt="Hi", max_tokens=1).model == "smollm2--int8"
+
+
+def test_error_answers_carry_the_request_id_and_the_variant_once_chosen(main_app):
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 100_000}, timeout=60)
+    assert r.status_code == 400 and r.headers["x-request-id"]
+    r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "word " * 1500, "max_tokens": 1},
+                   headers={"x-slimserve-variant": "int8"}, timeout=60)
+    assert r.status_code == 400 and r.headers["x-slimserve-variant"] == "int8" and r.headers["x-request-id"]
+
+
+def test_variant_ids_are_refused_when_forcing_is_off(main_app, session_cache):
+    deploy_and_wait(main_config(session_cache, ingress={"allow_forced_variant": False}), MAIN_APP)
+    try:
+        t0 = time.monotonic()
+        while True:
+            r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2--int8", "prompt": "x", "max_tokens": 1}, timeout=60)
+            if r.status_code == 400:
+                break
+            assert time.monotonic() - t0 < 120, "the ingress without forced variants did not take over"
+            time.sleep(1)
+        assert "allow_forced_variant" in r.json()["error"]["message"]
+        ok = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 1},
+                        headers={"x-slimserve-variant": "int8"}, timeout=60)
+        assert ok.status_code == 200  # the header is ignored, the split decides
+    finally:
+        deploy_and_wait(main_config(session_cache), MAIN_APP)

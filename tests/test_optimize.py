@@ -6,10 +6,14 @@ import json
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 
 from slimserve.optimizers.cache import MANIFEST
 from slimserve.optimizers.pipeline import optimize
+
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
 
 
 def test_none_serves_the_base_checkpoint(tmp_path):

@@ -20,6 +20,9 @@ from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.registry import parse
 from slimserve.optimizers.report import size_on_disk
 
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
 TINY_CALIBRATION = {"samples": 8, "seq_len": 128}
 HELD_OUT = {"held_out": {"text": "fortunes", "windows": 4, "seq_len": 128}}
 SPECS = {

@@ -17,6 +17,9 @@ from safetensors import safe_open
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.quality import QualityGateFailed
 
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
 SMALL_CALIBRATION = {"samples": 32, "seq_len": 256}
 # Perplexity ratio (variant / base) that each method must stay under, on held-out Python docs:
 # the same domain as the calibration text (the start of the same docs) but text it never saw.
@@ -48,6 +51,34 @@ def built(tmp_path_factory, held_out):
     return {name: optimize("default", spec, cache, held_out) for name, spec in SPECS.items()}
 
 
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def plausible_first_tokens() -> set[int]:
+    """The base model's 5 likeliest next tokens after PROMPT: a quantized variant that still
+    works starts its answer with one of them (any non-empty text would not say that)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimserve.optimizers.models import resolve_source
+
+    base = resolve_source("default")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(tok(PROMPT, return_tensors="pt").input_ids).logits[0, -1]
+    return set(logits.topk(5).indices.tolist())
+
+
+def first_token(text: str) -> int:
+    from transformers import AutoTokenizer
+
+    from slimserve.optimizers.models import resolve_source
+
+    return AutoTokenizer.from_pretrained(resolve_source("default"))(text, add_special_tokens=False).input_ids[0]
+
+
 def vllm_generate(checkpoint: Path) -> subprocess.CompletedProcess:
     """Load a checkpoint in vLLM CPU (a fresh process, as the engine would) and generate greedily."""
     code = textwrap.dedent(f"""
@@ -76,16 +107,16 @@ def result_of(proc) -> dict:
 
 
 @pytest.mark.parametrize("name", ["gptq", "rtn4", "w8a8sq"])
-def test_checkpoints_run_in_vllm_cpu(built, name):
+def test_checkpoints_run_in_vllm_cpu(built, name, plausible_first_tokens):
     proc = vllm_generate(built[name].path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = result_of(proc)
     assert result["quantization"] == "compressed-tensors"
-    assert "Paris" in result["text"] or result["text"].strip(), result
+    assert first_token(result["text"]) in plausible_first_tokens, result
 
 
 @pytest.mark.parametrize("name", ["fp8", "rtn8"])
-def test_formats_vllm_cpu_cannot_run_are_valid_checkpoints(built, name):
+def test_formats_vllm_cpu_cannot_run_are_valid_checkpoints(built, name, plausible_first_tokens):
     # vLLM CPU has no FP8 kernels (its engine hangs on such a checkpoint: seen here) and its
     # WNA16 kernels take grouped 4-bit weights only (int8 fails with "Failed to find a kernel").
     # The on-load hook refuses these methods on CPU hosts; the checkpoints run in transformers.
@@ -102,9 +133,9 @@ def test_formats_vllm_cpu_cannot_run_are_valid_checkpoints(built, name):
     path = built[name].path
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    ids = tok(PROMPT, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert tok.decode(out[0, ids.shape[1]:]).strip()
+    assert out[0, ids.shape[1]].item() in plausible_first_tokens, tok.decode(out[0, ids.shape[1]:])
 
 
 def linear_bytes(checkpoint: Path) -> int:

@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 
+from conftest import engine_info
+
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +21,7 @@ APP = "main"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def base_url(main_app):
     return main_app
 
@@ -47,11 +49,17 @@ def test_quantized_variant_was_built_on_load_and_the_engine_runs_it(base_url, se
     assert int8["quantization"] == "compressed-tensors"
     assert base["quantization"] is None
     assert int8["device"] == "cpu" and int8["tensor_parallel_size"] == 1
-    # The engine loaded the artifact that the on-load hook built into the (empty) session cache.
-    checkpoint = Path(int8["checkpoint"])
-    assert checkpoint.parent == session_cache and (checkpoint / "slimserve-manifest.json").exists()
     assert int8["optimization"]["cache_hit"] is False and int8["optimization"]["method"] == "w8a8"
-    assert base["checkpoint"] == base["optimization"]["base"]
+    # API clients see the artifact's cache key, never server paths or process ids.
+    assert "pid" not in int8 and "checkpoint" not in int8 and "base" not in int8["optimization"]
+    assert "/" not in json.dumps(int8["optimization"]["artifact"])
+    # The engine loaded the artifact that the on-load hook built into the (empty) session cache
+    # (the full record, through Ray).
+    int8_full, base_full = engine_info("smollm2--int8"), engine_info("smollm2--baseline")
+    checkpoint = Path(int8_full["checkpoint"])
+    assert checkpoint.parent == session_cache and (checkpoint / "slimserve-manifest.json").exists()
+    assert checkpoint.name == int8["optimization"]["artifact"]
+    assert base_full["checkpoint"] == base_full["optimization"]["base"]
 
 
 @pytest.mark.parametrize("variant", ["baseline", "int8"])

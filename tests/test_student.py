@@ -16,6 +16,9 @@ from slimserve.optimizers.cache import MANIFEST, sha256_file
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.quality import QualityGateFailed
 
+# The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
 QUALITY = {"held_out": {"text": "fortunes", "windows": 4, "seq_len": 128}}
 
 
@@ -84,7 +87,7 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
     import httpx
     import openai
 
-    from conftest import deploy_and_wait, release_main_app, undeploy
+    from conftest import deploy_and_wait, engine_info, release_main_app, undeploy
 
     release_main_app()
     config = {
@@ -101,7 +104,7 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
         assert engine["optimization"]["method"] == "student"
         assert "top1_agreement" in engine["optimization"]["report"]["agreement"]
         # The live engine loaded the artifact holding the student's bytes.
-        checkpoint = Path(engine["checkpoint"])
+        checkpoint = Path(engine_info("smollm2--student", app="student")["checkpoint"])
         assert checkpoint.parent == session_cache
         assert sha256_file(checkpoint / "model.safetensors") == sha256_file(student / "model.safetensors")
         assert (checkpoint / MANIFEST).exists()
@@ -122,6 +125,25 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
         with torch.no_grad():
             expected = tok.decode(model(ids).logits[0, -1].argmax().item())
         assert served == expected, (served, expected)
+
+        # The agreement the build measured is exported as the variant's quality gauge.
+        import time
+
+        from conftest import METRICS_PORT
+
+        agreement = engine["optimization"]["report"]["agreement"]["top1_agreement"]
+
+        def exported() -> float | None:
+            for line in httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text.splitlines():
+                if line.startswith("ray_slimserve_quality_ratio{") and 'metric="teacher_agreement"' in line and 'variant="student"' in line:
+                    return float(line.rsplit(" ", 1)[1])
+            return None
+
+        t0 = time.monotonic()
+        while (value := exported()) is None:
+            assert time.monotonic() - t0 < 60, "no teacher_agreement gauge for the student"
+            time.sleep(2)
+        assert value == pytest.approx(agreement)
     finally:
         undeploy("student")
 
