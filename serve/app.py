@@ -19,7 +19,8 @@ from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
 from .ab import VariantRoute
-from .config import ModelSpec, SlimserveConfig, Variant, load_config
+from .config import ModelSpec, SlimserveConfig, Variant
+from .config_file import load_config
 from .cpu_binding import SLOTS_ENV, core_binder, slots_for
 from .handoff import IngressSpec, OnLoadSpec
 from .ingress import SlimserveIngress
@@ -141,7 +142,7 @@ def llm_config_for(
             "callback_kwargs": OnLoadSpec(
                 model=model.name, variant=variant.name, source=source, cache_dir=cfg.cache_dir, accelerator=accel,
                 optimization=variant.optimization.model_dump(mode="json"), quality=variant.quality.model_dump(mode="json"),
-                required=variant.required,
+                required=variant.required, build_timeout_s=variant.build_timeout_s, cache_max_gib=cfg.cache_max_gib,
             ).model_dump(mode="json"),
         },
     )

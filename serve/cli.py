@@ -10,7 +10,7 @@ import threading
 
 from slimserve.optimizers.quality import QualityGateFailed
 
-from .config import ConfigError, ConfigFile, ServeApp, load_config_file
+from .config_file import ConfigError, ConfigFile, ServeApp, load_config_file
 from .local import RunError, Terminated
 
 DESCRIPTION = """\

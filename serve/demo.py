@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .config import SlimserveConfig, load_config
+from .config import SlimserveConfig
+from .config_file import load_config
 from .local import deploy, local_cluster, quiet_logs, say, wait_ready
 
 QUESTION = "What is the capital of France? Answer in one sentence."
@@ -84,7 +85,8 @@ def run_demo(host: str = "127.0.0.1", port: int = 8000, question: str = QUESTION
     say(f"[1/4] default model: {ensure_default_model()}")
     say("[2/4] optimizing variants (reused from the artifact cache when already built)")
     for v in model.variants:
-        r = optimize(model.source, v.optimization, cfg.cache_dir, v.quality)
+        r = optimize(model.source, v.optimization, cfg.cache_dir, v.quality,
+                     build_timeout_s=v.build_timeout_s, cache_max_gib=cfg.cache_max_gib)
         what = "base model as is" if r.cache_hit is None else ("cache hit" if r.cache_hit else "built")
         say(f"      {v.name:<10} {r.method:<6} {what:<17} {r.seconds:6.1f}s  {r.path}")
     with local_cluster(cfg, host=host, port=port, quiet=not verbose):

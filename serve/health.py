@@ -163,5 +163,7 @@ class HealthBoard:
             log.info("%s: no engine record yet (%s); Serve reports it healthy", model_id, type(e).__name__)
             return VariantHealth(State.READY)
         if info.get("failed"):
-            return VariantHealth(State.FAILED, f"failed to load: {info['failed']}", engine=info)
+            # The first line says what failed (the optimizer's last output lines follow it; the
+            # whole text is in slimserve_info and the replica's log).
+            return VariantHealth(State.FAILED, f"failed to load: {info['failed'].splitlines()[0]}", engine=info)
         return VariantHealth(State.READY, engine=info)

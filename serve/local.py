@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import DEFAULT_APP_NAME, SlimserveConfig
+from .config import SlimserveConfig
+from .config_file import DEFAULT_APP_NAME
 
 APP_NAME = DEFAULT_APP_NAME
 # Past runs' Ray folders kept (for their logs); older ones are removed when a run starts.

@@ -44,6 +44,8 @@ class OptimizeOnLoad(CallbackBase):
             optimize, spec.source, spec.optimization, spec.cache_dir, spec.quality,
             build_timeout_s=spec.build_timeout_s, cache_max_gib=spec.cache_max_gib,
         )
+        # Held for the replica's life (the callback lives as long): a size cap never evicts it.
+        self.ctx.custom_data["slimserve_hold"] = result.hold
         _check_tensor_parallel(result.path, self.llm_config.engine_kwargs.get("tensor_parallel_size", 1), spec.who)
         self.llm_config.get_engine_config().hf_model_id = str(result.path)
         # The checkpoint is local: skip Ray Serve LLM's download step.

@@ -11,7 +11,7 @@ import pytest
 
 from slimserve.serve.ab import RouteError, Router, Target, TrafficSplit, VariantRoute
 from slimserve.serve.ab_report import latency_test
-from slimserve.serve.config import ConfigError, load_config
+from slimserve.serve.config_file import ConfigError, load_config
 
 
 def split(**weights: float) -> TrafficSplit:

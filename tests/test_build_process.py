@@ -16,7 +16,7 @@ import pytest
 from slimserve.optimizers import pipeline
 from slimserve.optimizers.cache import ArtifactCache
 from slimserve.optimizers.pipeline import OptimizationFailed, OptimizationTimedOut, optimize
-from slimserve.serve.config import ConfigError, load_config
+from slimserve.serve.config_file import ConfigError, load_config
 from slimserve.serve.handoff import OnLoadSpec
 
 SPEC = {"method": "structured", "mlp_keep": 0.5}  # runs in this environment's Python: no optimizer env needed

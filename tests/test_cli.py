@@ -229,7 +229,7 @@ def test_demo_without_a_first_token_does_not_crash(capsys):
 
 def test_demo_client_sends_one_of_the_api_keys(monkeypatch):
     from slimserve.serve.demo import demo_config_path
-    from slimserve.serve.config import load_config
+    from slimserve.serve.config_file import load_config
 
     cfg = load_config(demo_config_path())
     monkeypatch.delenv(cfg.ingress.api_keys_env, raising=False)

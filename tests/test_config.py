@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from slimserve.serve.config import ConfigError, load_config
+from slimserve.serve.config_file import ConfigError, load_config
 
 
 def validate(tmp_path, text: str) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import pytest
 
 from slimserve.serve import cpu_binding
 from slimserve.serve.app import build_from_config
-from slimserve.serve.config import load_config
+from slimserve.serve.config_file import load_config
 from slimserve.serve.cpu_binding import SLOTS_ENV, claim_slot, core_binder, slots_for
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helm_chart import REPO
-from slimserve.serve.config import load_config, load_config_file
+from slimserve.serve.config_file import load_config, load_config_file
 
 DEPLOY = REPO / "deploy"
 # Every top-level YAML file in deploy/ is a Serve config.

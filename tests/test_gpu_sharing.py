@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from slimserve.serve.app import gpu_plan, llm_config_for
-from slimserve.serve.config import ConfigError, load_config
+from slimserve.serve.config_file import ConfigError, load_config
 from slimserve.serve.placement import EngineDemand, resolve_shares, unplaceable
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helm_chart import CHART, CI_VALUES, NAMESPACE, RELEASE, helm, kinds, one, render, render_error, values_file
-from slimserve.serve.config import ConfigError, load_config
+from slimserve.serve.config_file import ConfigError, load_config
 
 FULLNAME = f"{RELEASE}-slimserve"
 CI_NAMES = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
