@@ -53,6 +53,8 @@ def serve_url():
     import ray
     from ray import serve
 
+    if ray.is_initialized():  # some Ray APIs start a local cluster on first use: not this one
+        ray.shutdown()
     ray.init(
         # One logical CPU more than there are cores: room for the placement bundle of a variant
         # that fails to load (test_ab_metrics.py) beside the two engines of the shared app.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slimserve.serve import cpu_binding
-from slimserve.serve.app import build_from_config
+from slimserve.serve.app import llm_config_for
 from slimserve.serve.config_file import load_config
 from slimserve.serve.cpu_binding import SLOTS_ENV, claim_slot, core_binder, slots_for
 
@@ -40,15 +40,13 @@ def test_with_every_slot_held_a_replica_shares_rather_than_never_starting():
     held.release()
 
 
-def test_the_app_hands_out_disjoint_slots_per_replica(monkeypatch):
-    monkeypatch.setenv("SLIMSERVE_ACCELERATOR", "cpu")
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+def test_the_app_hands_out_disjoint_slots_per_replica():
     cfg = load_config({"models": [{"name": "m", "deployment": {"replicas": 2}, "variants": [{"name": "a"}, {"name": "b"}]}]})
-    app = build_from_config(cfg)
-    engines = app._bound_deployment.init_kwargs["llm_deployments"]
+    model = cfg.models[0]
+    take = core_binder(n_cores=4, n_ranks=4)  # what build_from_config makes for 2 variants x 2 replicas on 4 cores
     cores = []
-    for model_id in ("m--a", "m--b"):
-        env = engines[model_id]._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    for variant in model.variants:
+        env = llm_config_for(cfg, model, variant, "cpu", bind_cores=take).runtime_env["env_vars"]
         assert "VLLM_CPU_OMP_THREADS_BIND" not in env
         cores += env[SLOTS_ENV].split(";")
     assert sorted(cores) == ["0", "1", "2", "3"]  # 4 replicas, 4 cores, none shared
