@@ -233,7 +233,8 @@ class RequestLimits(_Strict):
     max_tokens: int = Field(4096, ge=1, description="Largest `max_tokens` / `max_completion_tokens`.")
     default_max_tokens: int = Field(
         1024, ge=1, description="`max_tokens` of a request that sets neither it nor `max_completion_tokens` "
-        "(vLLM would generate up to the context limit). At most `max_tokens`."
+        "(vLLM would generate up to the context limit). At most `max_tokens`; left unset, it is "
+        "lowered to `max_tokens` when that is smaller."
     )
     max_n: int = Field(4, ge=1, description="Largest `n` (and `best_of`): completions generated per request.")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one /v1/completions request (a list `prompt`).")
@@ -242,6 +243,10 @@ class RequestLimits(_Strict):
     @model_validator(mode="after")
     def _default_within_limit(self) -> "RequestLimits":
         if self.default_max_tokens > self.max_tokens:
+            if "default_max_tokens" not in self.model_fields_set:
+                # Only the operator's own contradiction is an error; the built-in default follows the cap.
+                self.default_max_tokens = self.max_tokens
+                return self
             raise ValueError(f"default_max_tokens {self.default_max_tokens} is more than max_tokens {self.max_tokens}")
         return self
 

@@ -24,6 +24,7 @@ __all__ = [
     "FirstChunkAtOnce",
     "first_chunk_at_once",
     "engine_client",
+    "adopt_renamed_serving_objects",
 ]
 
 
@@ -77,3 +78,17 @@ class FirstChunkAtOnce:
 def engine_client(server):
     """vLLM's engine client (AsyncLLM) inside a running LLMServer, or None (no engine)."""
     return getattr(getattr(server, "engine", None), "_engine_client", None)
+
+
+def adopt_renamed_serving_objects(server) -> None:
+    """vLLM 0.32 (the CPU pin) names its tokenizer endpoint object `serving_tokenization`;
+    Ray Serve LLM 2.60 still looks for `openai_serving_tokenization` and so answered /tokenize
+    and /detokenize with "this model does not support the 'tokenization' task". Hand it over
+    when Ray Serve LLM missed it (vLLM 0.26 on the GPU pin uses the old name: nothing to do)."""
+    engine = getattr(server, "engine", None)
+    state = getattr(engine, "_app_state", None)
+    if state is None or getattr(engine, "_oai_serving_tokenization", True) is not None:
+        return
+    renamed = getattr(state, "serving_tokenization", None)
+    if renamed is not None:
+        engine._oai_serving_tokenization = renamed

@@ -19,7 +19,7 @@ from .cpu_binding import SLOTS_ENV, claim_slot
 from .engine_facts import engine_gpu_memory_bytes, tree_rss_bytes
 from .handoff import OnLoadSpec, PreparedCheckpoint
 from .metrics import metric
-from .rayllm import FirstChunkAtOnce, engine_client
+from .rayllm import FirstChunkAtOnce, adopt_renamed_serving_objects, engine_client
 from .start_lock import one_start_per_node
 
 log = logging.getLogger("slimserve.server")
@@ -42,6 +42,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
             # The on-load step (optimizing) runs inside start(), before the engine: both hold the lock.
             async with one_start_per_node(self.spec.who, self.spec.accelerator == "gpu", self.timings):
                 await super().start()
+            adopt_renamed_serving_objects(self)
         except Exception:
             failure = self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve_failure")
             if failure is None or self.spec.required:

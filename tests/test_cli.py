@@ -16,7 +16,9 @@ import pytest
 from conftest import REPO
 from slimserve.serve import cli, local
 from slimserve.serve.demo import Answer, client_api_key, print_answer  # (Ray Serve LLM is imported lazily)
-from slimserve.serve.local import RunError, clear_stale_runs, failure_summary
+from slimserve.serve.local import RunError, failure_summary
+from slimserve.serve import run_folders
+from slimserve.serve.run_folders import clear_stale_runs
 
 CONFIG = """
 models:
@@ -241,11 +243,11 @@ def test_demo_client_sends_one_of_the_api_keys(monkeypatch):
 def test_a_run_ends_what_a_killed_run_left_behind_and_nothing_else(tmp_path, monkeypatch):
     """A process with a file open in the Ray folder of a run whose `slimserve` process is gone is
     ended; one of a live run, or of no run, stays."""
-    monkeypatch.setattr(local, "runs_root", lambda: tmp_path / "runs")
+    monkeypatch.setattr(run_folders, "runs_root", lambda: tmp_path / "runs")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead_run, live_run = local.run_folder(gone.pid), local.run_folder(os.getpid())
-    assert dead_run.name.endswith(".gone") and local._run_is_live(live_run)
+    dead_run, live_run = run_folders.run_folder(gone.pid), run_folders.run_folder(os.getpid())
+    assert dead_run.name.endswith(".gone") and run_folders._run_is_live(live_run)
     sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
     procs = {}
     for name, folder in (("orphan", dead_run), ("alive", live_run), ("unrelated", tmp_path / "elsewhere")):

@@ -184,3 +184,9 @@ def test_default_max_tokens_must_be_within_the_limit():
         load_config({"models": [{"name": "m", "variants": [{"name": "a"}]}],
                      "ingress": {"limits": {"max_tokens": 100, "default_max_tokens": 500}}})
     assert any("ingress.limits" in line and "default_max_tokens 500" in line for line in e.value.lines), e.value.lines
+
+
+def test_the_built_in_default_max_tokens_follows_a_lower_cap():
+    config = load_config({"models": [{"name": "m", "variants": [{"name": "a"}]}],
+                          "ingress": {"limits": {"max_tokens": 4}}})
+    assert config.ingress.limits.default_max_tokens == 4
