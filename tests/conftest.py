@@ -111,6 +111,37 @@ def engine_info(model_id: str, app: str = "main", timeout_s: float = 10) -> dict
         return None
 
 
+# How far an engine's log-probabilities may be from transformers' fp32 ones on the same checkpoint:
+# the engine computes in the checkpoint's dtype (bf16: 8 bits of mantissa) with its own kernels.
+LOGPROB_TOLERANCE = 0.15
+
+
+def check_engine_computes_the_checkpoint(client, model: str, prompt: str, checkpoint, headers=None) -> str:
+    """The engine's next-token distribution for `prompt` is the checkpoint's, as transformers
+    computes it in fp32: the engine's top-5 tokens are among transformers' top-10, each with the
+    same log-probability within LOGPROB_TOLERANCE, and its greedy token is transformers' argmax
+    or ties with it within that tolerance (bf16 can swap two near-equal tokens). Returns the
+    engine's greedy token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    comp = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logprobs=5,
+                                     extra_headers=headers or {})
+    served = comp.choices[0].text
+    engine_top = comp.choices[0].logprobs.top_logprobs[0]
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = hf(tok(prompt, return_tensors="pt").input_ids).logits[0, -1].log_softmax(-1)
+    top = logprobs.topk(10)
+    reference = {tok.decode([i]): lp for lp, i in zip(top.values.tolist(), top.indices.tolist())}
+    assert set(engine_top) <= set(reference), (engine_top, reference)
+    gaps = {t: abs(lp - reference[t]) for t, lp in engine_top.items()}
+    assert max(gaps.values()) < LOGPROB_TOLERANCE, (gaps, engine_top, reference)
+    assert reference[served] > max(reference.values()) - LOGPROB_TOLERANCE, (served, reference)
+    return served
+
+
 def undeploy(name: str) -> None:
     from ray import serve
 

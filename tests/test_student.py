@@ -87,7 +87,7 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
     import httpx
     import openai
 
-    from conftest import deploy_and_wait, engine_info, release_main_app, undeploy
+    from conftest import check_engine_computes_the_checkpoint, deploy_and_wait, engine_info, release_main_app, undeploy
 
     release_main_app()
     config = {
@@ -110,21 +110,10 @@ def test_student_answers_under_the_teachers_name_with_its_own_weights(student, s
         assert (checkpoint / MANIFEST).exists()
 
         client = openai.OpenAI(base_url=f"{serve_url}/v1", api_key="unused", max_retries=0)
-        raw = client.completions.with_raw_response.create(model="smollm2", prompt="The capital of France is",
-                                                          max_tokens=1, temperature=0)
+        raw = client.completions.with_raw_response.create(model="smollm2", prompt="Hi", max_tokens=1)
         assert raw.headers["x-slimserve-variant"] == "student"
-        served = raw.parse().choices[0].text
-
-        # Its greedy next token is the student's in transformers, computed on the student's folder.
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(student)
-        model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-        ids = tok("The capital of France is", return_tensors="pt").input_ids
-        with torch.no_grad():
-            expected = tok.decode(model(ids).logits[0, -1].argmax().item())
-        assert served == expected, (served, expected)
+        # Its next-token distribution is the student's in transformers, computed on the student's folder.
+        check_engine_computes_the_checkpoint(client, "smollm2", "The capital of France is", student)
 
         # The agreement the build measured is exported as the variant's quality gauge.
         import time
