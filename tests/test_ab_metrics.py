@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config
+from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,20 +53,6 @@ def prometheus(tmp_path_factory, _main_app_session):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def wait_for(check, timeout_s: float, what: str):
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < timeout_s:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.HTTPError, KeyError, IndexError) as e:
-            last = e
-        time.sleep(1)
-    raise TimeoutError(f"{what}: not true after {timeout_s} s (last: {last!r})")
 
 
 def promql(url: str, query: str) -> dict:
