@@ -13,7 +13,6 @@ Usage (on the GPU machine, with llm-compressor importable and slimserve on PYTHO
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time

@@ -96,7 +96,6 @@ class SparsePrune(Optimization):
 
 def measure_sparsity(checkpoint: Path) -> dict[str, Any]:
     """Zero fraction of the decoder Linear weights as saved, and whether every row keeps 2:4."""
-    import torch
     from safetensors import safe_open
 
     zeros = total = 0

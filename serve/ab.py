@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 
@@ -79,6 +79,29 @@ class Router:
         self.allow_forced = allow_forced
         self.sticky = sticky or {}
         self.shadows = shadows or {}
+
+    def set_weights(self, weights: dict[str, dict[str, float]]) -> None:
+        """New weights (public name -> variant -> weight), all checked before any is applied;
+        a variant the mapping leaves out keeps its weight. Requests routed from now on use them."""
+        splits = dict(self.splits)
+        for name, new in weights.items():
+            if name not in self.splits:
+                raise ValueError(f"weights: `{name}` is not a model this ingress serves (has: {', '.join(self.splits)})")
+            routes = self.splits[name].routes
+            unknown = sorted(set(new) - set(routes))
+            if unknown:
+                raise ValueError(f"weights.{name}: no variant {', '.join(unknown)} (has: {', '.join(routes)})")
+            if any(w < 0 for w in new.values()):
+                raise ValueError(f"weights.{name}: weights must be >= 0")
+            updated = [replace(r, weight=float(new.get(v, r.weight))) for v, r in routes.items()]
+            if sum(r.weight for r in updated) <= 0:
+                raise ValueError(f"weights.{name}: all variant weights are 0: at least one must be positive")
+            splits[name] = TrafficSplit(updated)
+        self.splits = splits
+        self.by_model_id = {r.model_id: (name, r) for name, split in splits.items() for r in split.routes.values()}
+
+    def weights(self) -> dict[str, dict[str, float]]:
+        return {name: {v: r.weight for v, r in split.routes.items()} for name, split in self.splits.items()}
 
     def public_name(self, model: str | None) -> str | None:
         """The public name a request is for: its `model`, or the only one when it names none."""

@@ -22,7 +22,7 @@ from .ab import VariantRoute
 from .config import ModelSpec, SlimserveConfig, Variant
 from .config_file import load_config
 from .cpu_binding import SLOTS_ENV, core_binder, slots_for
-from .handoff import IngressSpec, OnLoadSpec
+from .handoff import IngressSpec, IngressWeights, OnLoadSpec
 from .ingress import SlimserveIngress
 from .onload import OptimizeOnLoad
 from .placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
@@ -187,13 +187,20 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
             "ingress_deployment_config": {
                 # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
                 "ray_actor_options": {"num_cpus": 0},
-                # A replaced ingress (new weights) finishes its streams before it goes.
+                # A replaced ingress (a changed config) finishes its streams before it goes.
                 "graceful_shutdown_timeout_s": cfg.ingress.drain_timeout_s,
+                # Weights change on the live ingress (SlimserveIngress.reconfigure): no replica
+                # is replaced, no counter restarts.
+                "user_config": ingress_weights(cfg).model_dump(mode="json"),
             },
         }
     )
     _pin_versions(app, cfg, ingress_kwargs, shares)
     return app
+
+
+def ingress_weights(cfg: SlimserveConfig) -> IngressWeights:
+    return IngressWeights(weights={m.name: {v.name: v.weight for v in m.variants} for m in cfg.models})
 
 
 def _digest(obj: Any) -> str:
@@ -203,10 +210,11 @@ def _digest(obj: Any) -> str:
 
 def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[str, Any], shares: dict[str, float]) -> None:
     """Give each deployment a version derived from what it runs, so that `serve.run` of a changed
-    config (e.g. new weights) replaces only what changed: the ingress, not the engines. Without
-    it every `serve.run` restarts every replica. (A RayService / `serve deploy` config derives
-    one version from the whole app's args instead: there a change restarts the engines too,
-    which come back from the artifact cache.)"""
+    config replaces only what changed: the ingress, not the engines; new weights alone replace
+    nothing (they are the ingress's user_config). Without it every `serve.run` restarts every
+    replica. (A RayService / `serve deploy` config derives one version from the whole app's args
+    instead: there a change of args restarts the engines too, which come back from the artifact
+    cache; the Helm chart therefore passes weights as the ingress's user_config, not in args.)"""
     engines = app._bound_deployment.init_kwargs["llm_deployments"]
     for model in cfg.models:
         for variant in model.variants:
@@ -217,7 +225,10 @@ def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[s
                 "gpu_share": shares.get(f"{model.name}/{variant.name}"),
             }
             engines[model.model_id(variant)]._bound_deployment._version = _digest(spec)
-    app._bound_deployment._version = _digest(ingress_kwargs)
+    # Weights are left out: they reach the live ingress as its user_config.
+    unweighted = {name: [{**r, "weight": None} for r in routes]
+                  for name, routes in ingress_kwargs["spec"]["splits"].items()}
+    app._bound_deployment._version = _digest({**ingress_kwargs, "spec": {**ingress_kwargs["spec"], "splits": unweighted}})
 
 
 def build_app(args: dict[str, Any]) -> Application:

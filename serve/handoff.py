@@ -65,3 +65,12 @@ class IngressSpec(_Handoff):
     health_probe_interval_s: float = 10
     api_keys_env: str | None = None
     limits: RequestLimits = Field(default_factory=RequestLimits)
+
+
+class IngressWeights(_Handoff):
+    """The ingress deployment's Ray Serve `user_config`: what may change on a live ingress
+    (SlimserveIngress.reconfigure) without replacing it or any engine."""
+
+    weights: dict[str, dict[str, float]] = Field(
+        description="Public name -> variant -> weight; a variant left out keeps its weight."
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 
 from fastapi import HTTPException, Request
@@ -23,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from . import telemetry
 from .ab import RouteError, Router, Target
 from .guard import VARIANT_HEADER, GuardMiddleware, api_keys_from_env, check_limits, error_response
-from .handoff import IngressSpec
+from .handoff import IngressSpec, IngressWeights
 from .health import HealthBoard
 from .model_cards import public_card, variant_card
 from .rayllm import ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error
@@ -54,6 +55,19 @@ class SlimserveIngress(OpenAiIngress):
         self._probe_task: asyncio.Task | None = None
         # id(body) -> (timer, rename): what _get_response needs of a request in flight.
         self._in_flight: dict[int, tuple[telemetry.RequestTimer, tuple[str, str] | None]] = {}
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Ray Serve calls this with the deployment's `user_config` when the replica starts and
+        whenever only the user_config changed: new weights apply to the next request, on this
+        replica, with its counters and in-flight streams untouched."""
+        weights = IngressWeights.model_validate(user_config or {"weights": {}})
+        self._router.set_weights(weights.weights)
+        log.info("slimserve: weights %s", self._router.weights())
+
+    async def slimserve_info(self) -> dict:
+        """This replica's pid and current weights, read through Ray by operators and tests (not
+        an HTTP route: API clients see the weights in /v1/models)."""
+        return {"pid": os.getpid(), "weights": self._router.weights()}
 
     def _set_asgi_app(self, app) -> None:
         # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last

@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 # Nothing may come from a model hub, in this process or in any Ray worker it starts.
@@ -75,6 +76,21 @@ def serve_url():
 def session_cache(tmp_path_factory) -> Path:
     """An artifact cache that starts empty, so the first replica really builds its artifact."""
     return tmp_path_factory.mktemp("artifacts")
+
+
+def wait_for(check, timeout_s: float, what: str):
+    """The first truthy value of `check()`, tried every second; an HTTP error counts as not yet."""
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < timeout_s:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.HTTPError, KeyError, IndexError) as e:
+            last = e
+        time.sleep(1)
+    raise TimeoutError(f"{what}: not true after {timeout_s} s (last: {last!r})")
 
 
 def deploy_and_wait(config: dict, name: str, timeout_s: float = 900, route_prefix: str = "/") -> None:

@@ -146,3 +146,25 @@ def test_candidates_are_what_availability_must_be_known_for():
     assert r.candidates("m", "b") == ["m--b"]
     assert r.candidates("n--x", None) == ["n--x"]
     assert r.candidates("gpt-9", None) == []
+
+
+def test_new_weights_apply_in_place_and_keep_the_rest():
+    r = router()
+    r.set_weights({"m": {"a": 0, "b": 5}})
+    assert {route(r, "m", user=f"u{i}").variant for i in range(200)} == {"b"}
+    assert r.weights()["m"] == {"a": 0.0, "b": 5.0, "s": 0.0}  # `s` was left out: unchanged
+    assert r.by_model_id["m--b"][1].weight == 5.0  # what /v1/models and the gauges read
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"gpt-9": {"a": 1}}, "`gpt-9` is not a model this ingress serves"),
+    ({"m": {"zzz": 1}}, "weights.m: no variant zzz (has: a, b, s)"),
+    ({"m": {"a": -1}}, "weights.m: weights must be >= 0"),
+    ({"m": {"a": 0, "b": 0}}, "weights.m: all variant weights are 0"),
+])
+def test_bad_weights_are_refused_whole(weights, message):
+    r = router()
+    before = r.weights()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        r.set_weights({"n": {"x": 9}, **weights})  # a good part is not applied either
+    assert r.weights() == before

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config
+from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -54,20 +53,6 @@ def prometheus(tmp_path_factory, _main_app_session):
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def wait_for(check, timeout_s: float, what: str):
-    t0 = time.monotonic()
-    last = None
-    while time.monotonic() - t0 < timeout_s:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.HTTPError, KeyError, IndexError) as e:
-            last = e
-        time.sleep(1)
-    raise TimeoutError(f"{what}: not true after {timeout_s} s (last: {last!r})")
 
 
 def promql(url: str, query: str) -> dict:
@@ -245,8 +230,10 @@ def test_shadow_variant_gets_copies_without_the_client_waiting(main_app, prometh
         redeploy(main_app, session_cache)
 
 
-def test_changing_weights_by_redeploying_drops_no_request(main_app, session_cache):
-    pids = engine_pids(main_app)
+def test_new_weights_reach_the_live_ingress_without_replacing_anything(main_app, session_cache):
+    """Weights are the ingress's user_config: a change reaches the running ingress replica
+    (SlimserveIngress.reconfigure); no process is replaced, no stream is cut."""
+    pids, ingress_pid = engine_pids(main_app), ingress_info()["pid"]
     results: list[tuple[int, str]] = []
     streaming = [threading.Event() for _ in range(4)]
 
@@ -272,7 +259,8 @@ def test_changing_weights_by_redeploying_drops_no_request(main_app, session_cach
         for t in threads:
             t.join(300)
         assert len(results) == 4 and all(code == 200 and len(text) > 20 for code, text in results), results
-        assert engine_pids(main_app) == pids  # only the ingress was replaced
+        assert engine_pids(main_app) == pids
+        assert ingress_info() == {"pid": ingress_pid, "weights": {"smollm2": {"baseline": 20.0, "int8": 80.0}}}
         shares = {v["variant"]: v["traffic_share"] for v in
                   httpx.get(f"{main_app}/v1/models", timeout=30).json()["data"][0]["metadata"]["variants"]}
         assert shares == {"baseline": 0.2, "int8": 0.8}
@@ -308,8 +296,8 @@ def test_a_variant_that_fails_to_load_gets_no_traffic_and_says_why(main_app, pro
 
 
 def test_ab_report_counts_across_a_redeploy(main_app, prometheus, session_cache):
-    """A weight change replaces the ingress, whose counters start again at 0 in new series while
-    the old ones stop: the report still counts every request of the window."""
+    """A changed ingress setting replaces the ingress, whose counters start again at 0 in new
+    series while the old ones stop: the report still counts every request of the window."""
     cmd = [sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2",
            "--window", "1h", "--json"]
 
@@ -322,8 +310,9 @@ def test_ab_report_counts_across_a_redeploy(main_app, prometheus, session_cache)
     for _ in range(10):
         assert complete(main_app, headers={"x-slimserve-variant": "baseline"}, max_tokens=1).status_code == 200
     wait_for(lambda: reported() == before + 10, 90, "report before the redeploy")
-    redeploy(main_app, session_cache, variants=[
-        {"name": "baseline", "weight": 40}, {"name": "int8", "weight": 60, "optimization": {"method": "w8a8"}}])
+    old_ingress = ingress_info()["pid"]
+    redeploy(main_app, session_cache, ingress={"shadow_max_in_flight": 4})
+    wait_for(lambda: (ingress_info() or {}).get("pid") not in (None, old_ingress), 120, "the ingress replaced")
     try:
         for _ in range(5):
             assert complete(main_app, headers={"x-slimserve-variant": "baseline"}, max_tokens=1).status_code == 200
@@ -362,6 +351,17 @@ def engine_pids(base_url: str) -> dict[str, int]:
     cards = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]
     ids = [c["id"] for c in cards if "engine" in c.get("metadata", {})]
     return {m: engine_info(m)["pid"] for m in ids}
+
+
+def ingress_info(timeout_s: float = 10) -> dict | None:
+    """The ingress replica's pid and weights, read through Ray (SlimserveIngress.slimserve_info)."""
+    from ray import serve
+
+    try:
+        handle = serve.get_deployment_handle("SlimserveIngress", app_name=MAIN_APP)
+        return handle.slimserve_info.remote().result(timeout_s=timeout_s)
+    except Exception:
+        return None
 
 
 def public_card(base_url: str) -> dict:

@@ -4,6 +4,8 @@ Kubernetes/CRD schema checks: test_helm_k8s_schemas.py; alert rules: test_alert_
 
 from __future__ import annotations
 
+import copy
+
 import base64
 import importlib.util
 import json
@@ -85,7 +87,12 @@ def test_rayservice_serve_config_is_the_values_slimserve_config(name):
     (app,) = serve_config["applications"]
     assert app["import_path"] == "slimserve.serve.app:build_app"
     assert (app["name"], app["route_prefix"]) == ("slimserve", "/")
-    assert app["args"] == values["slimserve"]
+    # The values' slimserve config, its weights moved to the ingress's user_config.
+    expected, weights = copy.deepcopy(values["slimserve"]), {}
+    for model in expected["models"]:
+        weights[model["name"]] = {v["name"]: v.pop("weight", 1) for v in model["variants"]}
+    assert app["args"] == expected
+    assert app["deployments"] == [{"name": "SlimserveIngress", "user_config": {"weights": weights}}]
     cfg = load_config(app["args"])  # what build_app will accept
     assert cfg.cache_dir == values["slimserve"]["cache_dir"]
 
@@ -188,18 +195,24 @@ def test_rayservice_pods_env_and_cache_mount(name):
     assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
 
 
-def test_weight_change_only_changes_the_serve_config():
-    # KubeRay updates Serve in place when only serveConfigV2 changes; a changed cluster spec
-    # would make it build a whole new Ray cluster.
+def test_weight_change_only_changes_the_ingress_user_config():
+    # KubeRay updates Serve in place when only serveConfigV2 changes (a changed cluster spec
+    # would make it build a whole new Ray cluster), and Serve applies a change of user_config
+    # alone to the live ingress: the app's args, and so the engines, stay as they were.
     before = values_file("ab")
     after = values_file("ab")
     for variant, weight in zip(after["slimserve"]["models"][0]["variants"], [34, 33, 33]):
         variant["weight"] = weight
     old, new = one(render(before), "RayService"), one(render(after), "RayService")
     assert old["spec"]["rayClusterConfig"] == new["spec"]["rayClusterConfig"]
-    assert old["spec"]["serveConfigV2"] != new["spec"]["serveConfigV2"]
-    weights = [v["weight"] for v in yaml.safe_load(new["spec"]["serveConfigV2"])["applications"][0]["args"]["models"][0]["variants"]]
-    assert weights == [34, 33, 33]
+    old_app, new_app = (yaml.safe_load(x["spec"]["serveConfigV2"])["applications"][0] for x in (old, new))
+    assert old_app["args"] == new_app["args"]
+    assert all("weight" not in v for m in new_app["args"]["models"] for v in m["variants"])
+    ingress = {d["name"]: d for d in new_app["deployments"]}["SlimserveIngress"]
+    names = [v["name"] for v in after["slimserve"]["models"][0]["variants"]]
+    model = after["slimserve"]["models"][0]["name"]
+    assert ingress["user_config"] == {"weights": {model: dict(zip(names, [34, 33, 33]))}}
+    assert old_app["deployments"] != new_app["deployments"]
 
 
 def test_rayservice_serve_service():

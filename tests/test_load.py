@@ -6,7 +6,6 @@ else fails, and the server keeps answering. Also the HTTP API fuzzed from its ow
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import subprocess

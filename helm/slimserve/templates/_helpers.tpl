@@ -37,11 +37,27 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-keys" (include "slimserve.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
-{{/* The Ray Serve config (serveConfigV2): one application built from the slimserve config. */}}
+{{/*
+The Ray Serve config (serveConfigV2): one application built from the slimserve config. Variant
+weights leave the args and become the ingress deployment's user_config: Serve applies a change
+of user_config alone to the live ingress (SlimserveIngress.reconfigure), while a change of args
+rebuilds the application and restarts every engine.
+*/}}
 {{- define "slimserve.serveConfig" -}}
 {{- $cfg := required "slimserve: a slimserve config with `models` is required" .Values.slimserve -}}
 {{- $_ := required "slimserve.cache_dir is required: the artifact cache volume is mounted there" $cfg.cache_dir -}}
-{{- $app := dict "name" "slimserve" "route_prefix" "/" "import_path" "slimserve.serve.app:build_app" "args" $cfg -}}
+{{- $args := deepCopy $cfg -}}
+{{- $weights := dict -}}
+{{- range $m := $args.models -}}
+{{- $w := dict -}}
+{{- range $v := $m.variants -}}
+{{- $_ := set $w $v.name (hasKey $v "weight" | ternary $v.weight 1) -}}
+{{- $_ := unset $v "weight" -}}
+{{- end -}}
+{{- $_ := set $weights $m.name $w -}}
+{{- end -}}
+{{- $ingress := dict "name" "SlimserveIngress" "user_config" (dict "weights" $weights) -}}
+{{- $app := dict "name" "slimserve" "route_prefix" "/" "import_path" "slimserve.serve.app:build_app" "args" $args "deployments" (list $ingress) -}}
 {{- dict "applications" (list $app) | toYaml -}}
 {{- end -}}
 
