@@ -148,6 +148,22 @@ def llm_config_for(
     )
 
 
+def build_ingress_spec(cfg: SlimserveConfig) -> dict[str, Any]:
+    """The ingress's arguments (an IngressSpec, as the plain data Ray passes on)."""
+    return IngressSpec(
+        splits={m.name: [VariantRoute(v.name, m.model_id(v), v.weight) for v in m.variants] for m in cfg.models},
+        allow_forced_variant=cfg.ingress.allow_forced_variant,
+        sticky={m.name: m.sticky for m in cfg.models},
+        shadows={m.name: m.shadow for m in cfg.models if m.shadow},
+        shadow_max_in_flight=cfg.ingress.shadow_max_in_flight,
+        probes={m.name: m.probe.model_copy(update={"baseline": m.probe.baseline or m.variants[0].name})
+                for m in cfg.models if m.probe},
+        health_probe_interval_s=cfg.ingress.health_probe_interval_s,
+        api_keys_env=cfg.ingress.api_keys_env,
+        limits=cfg.ingress.limits,
+    ).model_dump(mode="json")
+
+
 def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Application:
     """`gpus`: GPUs per node to plan GPU shares against; default: the connected Ray cluster's."""
     accel = accelerator()
@@ -162,24 +178,12 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
             # `waiting_for_resources` with the reason; `slimserve run` refuses to start instead.
             log.warning("slimserve: %s", problem)
         log.info("slimserve: GPU shares %s", shares)
-    llm_configs, splits = [], {}
-    for model in cfg.models:
-        splits[model.name] = []
-        for variant in model.variants:
-            share = shares.get(f"{model.name}/{variant.name}", 1.0)
-            llm_configs.append(llm_config_for(cfg, model, variant, accel, bind, gpu_share=share))
-            splits[model.name].append(VariantRoute(variant.name, model.model_id(variant), variant.weight))
+    llm_configs = [
+        llm_config_for(cfg, model, variant, accel, bind, gpu_share=shares.get(f"{model.name}/{variant.name}", 1.0))
+        for model in cfg.models for variant in model.variants
+    ]
     log.info("slimserve: %d engine deployment(s) on %s", len(llm_configs), accel)
-    ingress_kwargs = {"spec": IngressSpec(
-        splits=splits,
-        allow_forced_variant=cfg.ingress.allow_forced_variant,
-        sticky={m.name: m.sticky for m in cfg.models},
-        shadows={m.name: m.shadow for m in cfg.models if m.shadow},
-        shadow_max_in_flight=cfg.ingress.shadow_max_in_flight,
-        health_probe_interval_s=cfg.ingress.health_probe_interval_s,
-        api_keys_env=cfg.ingress.api_keys_env,
-        limits=cfg.ingress.limits,
-    ).model_dump(mode="json")}
+    ingress_kwargs = {"spec": build_ingress_spec(cfg)}
     app = build_openai_app(
         {
             "llm_configs": llm_configs,

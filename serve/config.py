@@ -21,6 +21,8 @@ from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 from slimserve.optimizers.quality import QualityGate
 from slimserve.optimizers.registry import Optimization, parse
 
+from .probe_config import LiveProbeSettings
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Separates public model name and variant in the model id of a variant's deployment. Not ':'
 # (Ray Serve LLM reads `base:suffix` as a LoRA adapter) and not '/' (it appears in model names).
@@ -183,6 +185,10 @@ class ModelSpec(_Strict):
         description="A variant that also gets a copy of every request for this name, asynchronously: the client "
         "never waits on it; its latency and errors are recorded. Usually a variant with weight 0.",
     )
+    probe: LiveProbeSettings | None = Field(
+        None, description="Live quality signal: replay a sample of real requests to the baseline and the other "
+        "variants and record how well they agree. Unset: no probes.",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -214,6 +220,11 @@ class ModelSpec(_Strict):
         names = [v.name for v in self.variants]
         if self.shadow is not None and self.shadow not in names:
             raise ValueError(f"shadow: {self.shadow!r} is not one of this model's variants {names}")
+        if self.probe is not None:
+            if len(names) < 2:
+                raise ValueError("probe: needs at least two variants to compare")
+            if self.probe.baseline is not None and self.probe.baseline not in names:
+                raise ValueError(f"probe.baseline: {self.probe.baseline!r} is not one of this model's variants {names}")
         return self
 
     def engine_for(self, variant: Variant) -> EngineSettings:

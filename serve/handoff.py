@@ -12,6 +12,7 @@ from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 
 from .ab import VariantRoute
 from .config import RequestLimits
+from .probe_config import LiveProbeSettings
 
 
 class _Handoff(BaseModel):
@@ -62,6 +63,9 @@ class IngressSpec(_Handoff):
     sticky: dict[str, bool] = Field(default_factory=dict)
     shadows: dict[str, str] = Field(default_factory=dict)
     shadow_max_in_flight: int = 8
+    probes: dict[str, LiveProbeSettings] = Field(
+        default_factory=dict, description="Public name -> its live probes (baseline resolved to a variant name)."
+    )
     health_probe_interval_s: float = 10
     api_keys_env: str | None = None
     limits: RequestLimits = Field(default_factory=RequestLimits)

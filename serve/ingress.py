@@ -28,6 +28,7 @@ from .handoff import IngressSpec, IngressWeights
 from .health import HealthBoard
 from .model_cards import public_card, variant_card
 from .rayllm import ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error
+from .live_probes import LiveProbes, probe_plans
 from .shadow import ShadowCopies
 
 log = logging.getLogger("slimserve.ingress")
@@ -52,6 +53,7 @@ class SlimserveIngress(OpenAiIngress):
         app_name = next(iter(handles.values())).app_name if handles else None
         self._health = HealthBoard(handles, app_name, serve.status)
         self._shadow = ShadowCopies(self._spec.shadow_max_in_flight, super()._get_response)
+        self._live = LiveProbes(probe_plans(self._spec), super()._get_response)
         self._probe_task: asyncio.Task | None = None
         # id(body) -> (timer, rename): what _get_response needs of a request in flight.
         self._in_flight: dict[int, tuple[telemetry.RequestTimer, tuple[str, str] | None]] = {}
@@ -106,6 +108,7 @@ class SlimserveIngress(OpenAiIngress):
         if target.shadow_model_id:
             shadow = self._router.by_model_id[target.shadow_model_id][1].variant
             self._shadow.send(body, call_method, target.shadow_model_id, {"model": target.model, "variant": shadow})
+        self._live.maybe_probe(body, call_method, target.model)
         timer = telemetry.start_timer(body, labels)
         # Answers name the model the client asked for (OpenAI clients compare it); the variant
         # is in the header. A client that asked for a variant's own id gets that id.
@@ -217,6 +220,7 @@ class SlimserveIngress(OpenAiIngress):
                     await self._health.refresh()
                 except Exception as e:  # the probe must outlive any one bad round
                     log.warning("variant health refresh failed: %s", e)
+            self._live.set_gauges()
             telemetry.set_variant_gauges([
                 ({"model": name, "variant": route.variant}, route.weight, self._health.state_of(model_id).available)
                 for model_id, (name, route) in self._router.by_model_id.items()

@@ -19,6 +19,8 @@ from typing import Any
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 40, 80]
 ITL_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240, 600]
+PREFIX_BUCKETS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]  # tokens
+KL_BUCKETS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]  # nats per token
 
 REQUEST = ("model", "variant")
 
@@ -37,6 +39,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_shadow_e2e_request_latency_seconds": ("histogram", "End-to-end latency of shadow copies (the client never waits on them).", REQUEST, E2E_BUCKETS),
     "slimserve_variant_up": ("gauge", "1 when the variant's engine answers its health check, else 0 (probed by the ingress).", REQUEST, None),
     "slimserve_traffic_weight": ("gauge", "Configured traffic weight of the variant.", REQUEST, None),
+    # live quality probes (probe: block), recorded by the ingress; `variant` is the candidate
+    "slimserve_live_probes_total": ("counter", "Live probes against the baseline, by outcome: `match` / `mismatch` (first N greedy tokens equal or not), `dropped` (shed under load), `failed`.", REQUEST + ("outcome",), None),
+    "slimserve_live_agreement": ("gauge", "Fraction of this ingress replica's last probes (probe.window) whose first N greedy tokens equal the baseline's.", REQUEST, None),
+    "slimserve_live_prefix_tokens": ("histogram", "Greedy tokens a probe's answer shares with the baseline's from the start.", REQUEST, PREFIX_BUCKETS),
+    "slimserve_live_kl_per_token": ("histogram", "Estimated KL(baseline || variant) per token over the probe's shared context, nats (top-logprob truncated: a lower bound).", REQUEST, KL_BUCKETS),
     # per engine replica, recorded by the engine deployment
     "slimserve_model_weight_bytes": ("gauge", "Bytes of the served weight tensors as stored (packed for quantized layers).", REQUEST, None),
     "slimserve_checkpoint_bytes": ("gauge", "Bytes of the served checkpoint folder on disk.", REQUEST, None),
