@@ -22,6 +22,7 @@ from slimserve.optimizers.quality import QualityGate
 from slimserve.optimizers.registry import Optimization, parse
 
 from .probe_config import LiveProbeSettings
+from .rollout_config import RolloutSettings, check_probe_and_rollout
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Separates public model name and variant in the model id of a variant's deployment. Not ':'
@@ -189,6 +190,9 @@ class ModelSpec(_Strict):
         None, description="Live quality signal: replay a sample of real requests to the baseline and the other "
         "variants and record how well they agree. Unset: no probes.",
     )
+    rollout: RolloutSettings | None = Field(
+        None, description="Progressive rollout of a candidate variant with guardrails. Unset: weights as configured.",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -220,11 +224,7 @@ class ModelSpec(_Strict):
         names = [v.name for v in self.variants]
         if self.shadow is not None and self.shadow not in names:
             raise ValueError(f"shadow: {self.shadow!r} is not one of this model's variants {names}")
-        if self.probe is not None:
-            if len(names) < 2:
-                raise ValueError("probe: needs at least two variants to compare")
-            if self.probe.baseline is not None and self.probe.baseline not in names:
-                raise ValueError(f"probe.baseline: {self.probe.baseline!r} is not one of this model's variants {names}")
+        check_probe_and_rollout(names, self.probe, self.rollout)
         return self
 
     def engine_for(self, variant: Variant) -> EngineSettings:

@@ -44,6 +44,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_live_agreement": ("gauge", "Fraction of this ingress replica's last probes (probe.window) whose first N greedy tokens equal the baseline's.", REQUEST, None),
     "slimserve_live_prefix_tokens": ("histogram", "Greedy tokens a probe's answer shares with the baseline's from the start.", REQUEST, PREFIX_BUCKETS),
     "slimserve_live_kl_per_token": ("histogram", "Estimated KL(baseline || variant) per token over the probe's shared context, nats (top-logprob truncated: a lower bound).", REQUEST, KL_BUCKETS),
+    # progressive rollout (rollout: block), recorded by the ingress; `variant` is the candidate
+    "slimserve_rollout_percent": ("gauge", "The candidate's share of its pair's traffic now, %.", REQUEST, None),
+    "slimserve_rollout_step": ("gauge", "The rollout's current step (1-based).", REQUEST, None),
+    "slimserve_rollout_status": ("gauge", "1 for the rollout's status (running, paused, promoted, rolled_back, aborted), else 0.", REQUEST + ("status",), None),
+    "slimserve_rollout_decisions_total": ("counter", "Rollout events by action: start, advance, promote, rollback (a guardrail breach), pause, resume, abort.", REQUEST + ("action",), None),
     # per engine replica, recorded by the engine deployment
     "slimserve_model_weight_bytes": ("gauge", "Bytes of the served weight tensors as stored (packed for quantized layers).", REQUEST, None),
     "slimserve_checkpoint_bytes": ("gauge", "Bytes of the served checkpoint folder on disk.", REQUEST, None),
