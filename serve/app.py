@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from ray.serve.deployment import Application
@@ -160,6 +161,10 @@ def build_ingress_spec(cfg: SlimserveConfig) -> dict[str, Any]:
                 for m in cfg.models if m.probe},
         health_probe_interval_s=cfg.ingress.health_probe_interval_s,
         api_keys_env=cfg.ingress.api_keys_env,
+        admin_keys_env=cfg.ingress.admin_keys_env,
+        rollouts={m.name: m.rollout.model_copy(update={"baseline": m.rollout.baseline or m.variants[0].name})
+                  for m in cfg.models if m.rollout},
+        rollout_dir=str(Path(cfg.cache_dir) / "rollouts"),
         limits=cfg.ingress.limits,
     ).model_dump(mode="json")
 

@@ -280,6 +280,11 @@ class IngressSettings(_Strict):
         "chart's Secret). When it is set and not empty, every request needs `Authorization: Bearer KEY` (401 "
         "otherwise); unset: no authentication. The keys themselves never appear in the config.",
     )
+    admin_keys_env: str | None = Field(
+        "SLIMSERVE_ADMIN_KEYS",
+        description="Environment variable holding the admin keys (comma-separated) for the operator's routes "
+        "(/slimserve/rollout/...); client keys never open them. Unset or empty: the admin routes are off.",
+    )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="What one request may ask for.")
     health_probe_interval_s: float = Field(
         10, gt=0, description="How often the ingress checks each variant's engine (slimserve_variant_up)."
@@ -291,7 +296,8 @@ class SlimserveConfig(_Strict):
 
     cache_dir: str = Field(
         default_factory=lambda: str(slimserve_home() / "artifacts"),
-        description="Artifact cache folder (a shared volume / PVC in Kubernetes).",
+        description="Artifact cache folder (a shared volume / PVC in Kubernetes). Rollout state lives in its "
+        "`rollouts/` folder.",
     )
     cache_max_gib: float | None = Field(
         None, gt=0,

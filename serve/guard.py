@@ -43,9 +43,12 @@ class GuardMiddleware:
     once a variant was chosen, `x-slimserve-variant`. Open paths: none here — Serve's proxy
     answers /-/healthz and /-/routes itself, and metrics are on Ray's own port."""
 
-    def __init__(self, app, api_keys: list[bytes], max_body_bytes: int):
+    def __init__(self, app, api_keys: list[bytes], max_body_bytes: int, admin_keys: list[bytes] | None = None,
+                 admin_prefix: str = "/slimserve/"):
         self.app = app
         self.api_keys = api_keys
+        self.admin_keys = admin_keys or []
+        self.admin_prefix = admin_prefix
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
@@ -53,13 +56,18 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         send = _with_answer_headers(scope, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_keys:
-            auth = headers.get(b"authorization", b"")
-            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-            # Compare with every key in constant time: no early exit that leaks which matched.
-            if not any([hmac.compare_digest(token, k) for k in self.api_keys]):
-                message = "Incorrect API key provided" if token else "Missing API key: send `Authorization: Bearer KEY`"
-                return await _send_error(send, 401, message, "authentication_error", {"www-authenticate": "Bearer"})
+        if scope.get("path", "").startswith(self.admin_prefix):
+            # The operator's routes: an admin key only (a client key is not one).
+            if not self.admin_keys:
+                return await _send_error(send, 403, "the admin routes are off: give the ingress admin keys "
+                                         "(ingress.admin_keys_env)", "permission_error")
+            if not _key_ok(headers, self.admin_keys):
+                return await _send_error(send, 401, "an admin key is required: send `Authorization: Bearer ADMIN_KEY`",
+                                         "authentication_error", {"www-authenticate": "Bearer"})
+        elif self.api_keys and not _key_ok(headers, self.api_keys):
+            token = _bearer(headers)
+            message = "Incorrect API key provided" if token else "Missing API key: send `Authorization: Bearer KEY`"
+            return await _send_error(send, 401, message, "authentication_error", {"www-authenticate": "Bearer"})
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await _send_error(send, 413, self._too_big(int(length)), "invalid_request_error")
@@ -80,6 +88,17 @@ class GuardMiddleware:
     def _too_big(self, size: int) -> str:
         return (f"request body is {size} bytes or more; this server allows at most {self.max_body_bytes} "
                 "(ingress.limits.max_body_bytes)")
+
+
+def _bearer(headers: dict) -> bytes:
+    auth = headers.get(b"authorization", b"")
+    return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+
+
+def _key_ok(headers: dict, keys: list[bytes]) -> bool:
+    token = _bearer(headers)
+    # Compare with every key in constant time: no early exit that leaks which matched.
+    return any([hmac.compare_digest(token, k) for k in keys])
 
 
 async def _read_body(receive, most: int) -> tuple[bytes | None, int]:

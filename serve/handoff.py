@@ -13,6 +13,7 @@ from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 from .ab import VariantRoute
 from .config import RequestLimits
 from .probe_config import LiveProbeSettings
+from .rollout_config import RolloutSettings
 
 
 class _Handoff(BaseModel):
@@ -68,6 +69,11 @@ class IngressSpec(_Handoff):
     )
     health_probe_interval_s: float = 10
     api_keys_env: str | None = None
+    admin_keys_env: str | None = None
+    rollouts: dict[str, RolloutSettings] = Field(
+        default_factory=dict, description="Public name -> its rollout (baseline resolved to a variant name)."
+    )
+    rollout_dir: str = Field("", description="Where rollout state is kept (the cache's rollouts/ folder).")
     limits: RequestLimits = Field(default_factory=RequestLimits)
 
 
