@@ -21,7 +21,7 @@ from ray.serve.llm import LLMConfig, build_openai_app
 
 from .ab import VariantRoute
 from .config import ModelSpec, SlimserveConfig, Variant
-from .config_file import load_config
+from .config_file import INGRESS_DEPLOYMENT, load_config
 from .cpu_binding import SLOTS_ENV, core_binder, slots_for
 from .handoff import IngressSpec, IngressWeights, OnLoadSpec
 from .ingress import SlimserveIngress
@@ -194,6 +194,7 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
             "llm_configs": llm_configs,
             "ingress_cls_config": {"ingress_cls": SlimserveIngress, "ingress_extra_kwargs": ingress_kwargs},
             "ingress_deployment_config": {
+                "name": INGRESS_DEPLOYMENT,  # a Serve config's `deployments` entry names it
                 # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
                 "ray_actor_options": {"num_cpus": 0},
                 # A replaced ingress (a changed config) finishes its streams before it goes.

@@ -79,6 +79,9 @@ def _read_yaml(path: str) -> Any:
 # slimserve's application builder; its `args` are a slimserve config, or {config: PATH}.
 BUILD_APP = "slimserve.serve.app:build_app"
 DEFAULT_APP_NAME = "slimserve"
+# The ingress deployment's name; a Serve config sets live weights as its `user_config`
+# ({weights: {MODEL: {VARIANT: W}}}, what the Helm chart writes).
+INGRESS_DEPLOYMENT = "SlimserveIngress"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,9 +143,17 @@ def load_config_file(path: str | Path) -> ConfigFile:
         if app.get("import_path") != BUILD_APP:
             ignored.append(f"{where} (import_path {app.get('import_path')!r})")
             continue
-        ignored += [f"{where}.{k}" for k in app if k not in ("name", "route_prefix", "import_path", "args")]
+        ignored += [f"{where}.{k}" for k in app if k not in ("name", "route_prefix", "import_path", "args", "deployments")]
         try:
-            apps.append(ServeApp(name, str(app.get("route_prefix") or "/"), _app_config(app.get("args") or {}, where)))
+            config = _app_config(app.get("args") or {}, where)
+            deployments = app.get("deployments") if isinstance(app.get("deployments"), list) else []
+            for j, dep in enumerate(deployments):
+                if isinstance(dep, dict) and dep.get("name") == INGRESS_DEPLOYMENT and "user_config" in dep:
+                    config = _with_weights(config, dep["user_config"], f"{where}.deployments.{j}.user_config")
+                    ignored += [f"{where}.deployments.{j}.{k}" for k in dep if k not in ("name", "user_config")]
+                else:
+                    ignored.append(f"{where}.deployments.{j}")
+            apps.append(ServeApp(name, str(app.get("route_prefix") or "/"), config))
         except ConfigError as e:
             lines += e.lines
     if not lines and not apps:
@@ -174,6 +185,33 @@ def _app_config(args: Any, where: str) -> SlimserveConfig:
         return _validated(data, where)
     except ConfigError as e:
         raise ConfigError(where, [_under(prefix, sep, line) for line in e.lines]) from None
+
+
+def _with_weights(config: SlimserveConfig, user_config: Any, where: str) -> SlimserveConfig:
+    """The config with the weights of the ingress's `user_config` ({weights: {MODEL: {VARIANT:
+    W}}}; a variant left out keeps its weight), as the live ingress will route."""
+    weights = user_config.get("weights") if isinstance(user_config, dict) else None
+    if not isinstance(weights, dict) or set(user_config) != {"weights"}:
+        raise ConfigError(where, [f"{where}: expected {{weights: {{MODEL: {{VARIANT: WEIGHT}}}}}}"])
+    data = config.model_dump(mode="json", exclude_unset=True)
+    models = {m["name"]: m for m in data["models"]}
+    lines = []
+    for name, new in weights.items():
+        if name not in models:
+            lines.append(f"{where}.weights.{name}: not a model of this application (has: {', '.join(models)})")
+            continue
+        variants = {v["name"]: v for v in models[name]["variants"]}
+        for variant, weight in (new or {}).items() if isinstance(new, dict) else [(None, None)]:
+            if variant not in variants:
+                lines.append(f"{where}.weights.{name}.{variant}: not a variant of {name} (has: {', '.join(variants)})")
+            else:
+                variants[variant]["weight"] = weight
+    if lines:
+        raise ConfigError(where, lines)
+    try:
+        return _validated(data, where)
+    except ConfigError as e:
+        raise ConfigError(where, [f"{where}.weights -> {line}" for line in e.lines]) from None
 
 
 def _under(prefix: str, sep: str, line: str) -> str:
