@@ -13,7 +13,7 @@ from fastapi import status
 from ray.serve.llm.openai_api_models import ErrorResponse
 from starlette.responses import JSONResponse
 
-from .config import RequestLimits
+from .ingress_config import RequestLimits
 from .rayllm import OpenAIHTTPException
 
 VARIANT_HEADER = "x-slimserve-variant"

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 
 from .ab import VariantRoute
-from .config import RequestLimits
+from .ingress_config import RequestLimits
 from .probe_config import LiveProbeSettings
 from .rollout_config import RolloutSettings
 

@@ -29,6 +29,7 @@ from .health import HealthBoard
 from .model_cards import public_card, variant_card
 from .rayllm import ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error
 from .live_probes import LiveProbes, probe_plans
+from .rollout_routes import ADMIN_PREFIX, Rollouts
 from .shadow import ShadowCopies
 
 log = logging.getLogger("slimserve.ingress")
@@ -53,7 +54,9 @@ class SlimserveIngress(OpenAiIngress):
         app_name = next(iter(handles.values())).app_name if handles else None
         self._health = HealthBoard(handles, app_name, serve.status)
         self._shadow = ShadowCopies(self._spec.shadow_max_in_flight, super()._get_response)
-        self._live = LiveProbes(probe_plans(self._spec), super()._get_response)
+        self._rollouts = Rollouts(self._spec.rollouts, self._spec.rollout_dir, app_name, self._router)
+        self._live = LiveProbes(probe_plans(self._spec), super()._get_response, on_result=self._rollouts.probed)
+        self._rollouts.tick(lambda model_id: None)  # route by a stored rollout from the first request on
         self._probe_task: asyncio.Task | None = None
         # id(body) -> (timer, rename): what _get_response needs of a request in flight.
         self._in_flight: dict[int, tuple[telemetry.RequestTimer, tuple[str, str] | None]] = {}
@@ -64,6 +67,7 @@ class SlimserveIngress(OpenAiIngress):
         replica, with its counters and in-flight streams untouched."""
         weights = IngressWeights.model_validate(user_config or {"weights": {}})
         self._router.set_weights(weights.weights)
+        self._rollouts.new_configured_weights()  # a rollout's pair keeps its share of the new weights
         log.info("slimserve: weights %s", self._router.weights())
 
     async def slimserve_info(self) -> dict:
@@ -74,7 +78,9 @@ class SlimserveIngress(OpenAiIngress):
     def _set_asgi_app(self, app) -> None:
         # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last
         # chance to put the key and body-size check in front of every route.
-        app.add_middleware(GuardMiddleware, api_keys=self._api_keys, max_body_bytes=self._spec.limits.max_body_bytes)
+        app.add_middleware(GuardMiddleware, api_keys=self._api_keys, max_body_bytes=self._spec.limits.max_body_bytes,
+                           admin_keys=api_keys_from_env(self._spec.admin_keys_env), admin_prefix=ADMIN_PREFIX)
+        self._rollouts.add_admin_routes(app)
         super()._set_asgi_app(app)
 
     # --- one request ----------------------------------------------------------------------
@@ -109,7 +115,7 @@ class SlimserveIngress(OpenAiIngress):
             shadow = self._router.by_model_id[target.shadow_model_id][1].variant
             self._shadow.send(body, call_method, target.shadow_model_id, {"model": target.model, "variant": shadow})
         self._live.maybe_probe(body, call_method, target.model)
-        timer = telemetry.start_timer(body, labels)
+        timer = telemetry.start_timer(body, labels, on_finish=self._rollouts.observe)
         # Answers name the model the client asked for (OpenAI clients compare it); the variant
         # is in the header. A client that asked for a variant's own id gets that id.
         asked = requested if requested is not None else target.model
@@ -221,11 +227,15 @@ class SlimserveIngress(OpenAiIngress):
                 except Exception as e:  # the probe must outlive any one bad round
                     log.warning("variant health refresh failed: %s", e)
             self._live.set_gauges()
+            try:
+                self._rollouts.tick(lambda model_id: self._health.state_of(model_id).available)
+            except Exception as e:  # a rollout's trouble must not stop the health loop
+                log.warning("rollout: %s", e)
             telemetry.set_variant_gauges([
                 ({"model": name, "variant": route.variant}, route.weight, self._health.state_of(model_id).available)
                 for model_id, (name, route) in self._router.by_model_id.items()
             ])
-            await asyncio.sleep(min(GAUGE_REFRESH_S, interval))
+            await asyncio.sleep(min(GAUGE_REFRESH_S, interval, self._rollouts.interval_s or GAUGE_REFRESH_S))
 
     # --- /v1/models -----------------------------------------------------------------------
 
@@ -235,7 +245,7 @@ class SlimserveIngress(OpenAiIngress):
         self._ensure_probe()
         await self._health.refresh_if_stale(list(self._router.by_model_id), any_down=True, wait_s=LISTING_WAIT_S)
         if model_id in self._router.splits:
-            return public_card(model_id, self._router, self._health.state_of)
+            return public_card(model_id, self._router, self._health.state_of, self._rollouts.summary(model_id))
         card = await super().model(model_id)
         if card is not None and model_id in self._router.by_model_id:
             name, route = self._router.by_model_id[model_id]
@@ -246,7 +256,8 @@ class SlimserveIngress(OpenAiIngress):
         """Public names first (their variants, weights and states), then each variant's card
         with what its running engine reported; a variant still loading has an empty `engine`."""
         variant_cards = [await self.model(m) for m in self._model_cards]
-        public = [public_card(name, self._router, self._health.state_of) for name in self._router.splits]
+        public = [public_card(name, self._router, self._health.state_of, self._rollouts.summary(name))
+                  for name in self._router.splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])
 
 

@@ -106,8 +106,10 @@ class ProbePlan:
 
 
 class LiveProbes:
-    def __init__(self, plans: dict[str, ProbePlan], get_response: GetResponse, rng: random.Random | None = None):
+    def __init__(self, plans: dict[str, ProbePlan], get_response: GetResponse, rng: random.Random | None = None,
+                 on_result: Callable[[str, str, bool], None] | None = None):
         self._plans = plans
+        self._on_result = on_result  # (model, variant, matched): the rollout's agreement evidence
         self._get_response = get_response
         self._rng = rng or random.Random()
         self._tasks: set[asyncio.Task] = set()
@@ -166,6 +168,8 @@ class LiveProbes:
         recent = plan.recent.setdefault(variant, deque(maxlen=plan.settings.window))
         recent.append(1.0 if result.match else 0.0)
         metric("slimserve_live_agreement").set(sum(recent) / len(recent), tags=labels)
+        if self._on_result is not None:
+            self._on_result(plan.model, variant, result.match)
         metric("slimserve_live_prefix_tokens").observe(result.prefix, tags=labels)
         if result.kl_per_token is not None:
             metric("slimserve_live_kl_per_token").observe(result.kl_per_token, tags=labels)

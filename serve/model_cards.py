@@ -10,7 +10,7 @@ from .health import VariantHealth
 from .rayllm import ModelCard
 
 
-def public_card(name: str, router: Router, health_of) -> ModelCard:
+def public_card(name: str, router: Router, health_of, rollout: dict | None = None) -> ModelCard:
     routes = router.splits[name].routes.values()
     total = sum(r.weight for r in routes)
     variants = []
@@ -24,6 +24,8 @@ def public_card(name: str, router: Router, health_of) -> ModelCard:
             **({"unavailable_because": health.describe()} if not health.available else {}),
         })
     meta = {"variants": variants, "sticky": router.sticky.get(name, True), "shadow": router.shadows.get(name)}
+    if rollout:
+        meta["rollout"] = rollout
     return ModelCard(id=name, object="model", owned_by="slimserve", permission=[], metadata=meta)
 
 

@@ -34,6 +34,7 @@ class RolloutController:
         self.state: RolloutState | None = None
         self.evidence = StepEvidence()
         self._down_since: float | None = None
+        self._seen_up = False  # a candidate still loading is not "unavailable": only one that was up
         self._last_tick = -float("inf")
 
     # --- evidence, fed by the ingress ------------------------------------------------------
@@ -59,10 +60,13 @@ class RolloutController:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def tick(self, candidate_available: bool) -> RolloutState:
-        """Read (or start) the state; when leading and due, decide. Returns the state to route by."""
+    def tick(self, candidate_available: bool | None) -> RolloutState:
+        """Read (or start) the state; when leading and due, decide. Returns the state to route by.
+        `candidate_available` None: not known yet."""
         now = self.clock()
-        self._down_since = None if candidate_available else (self._down_since or now)
+        self._seen_up = self._seen_up or bool(candidate_available)
+        if candidate_available is not None:
+            self._down_since = None if candidate_available or not self._seen_up else (self._down_since or now)
         if not self.store.lead():
             self.state = self.store.load() or self.state or self._new_state(now)
             return self.state

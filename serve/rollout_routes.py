@@ -38,7 +38,7 @@ class Rollouts:
         self.configured = self.router.weights()
         self._route()
 
-    def tick(self, available: Callable[[str], bool]) -> None:
+    def tick(self, available: Callable[[str], bool | None]) -> None:
         for model, c in self.controllers.items():
             c.tick(available(self.router.splits[model].routes[c.candidate].model_id))
             c.set_gauges()

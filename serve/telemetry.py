@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import TypeAdapter
 
@@ -55,6 +55,8 @@ class RequestTimer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     failed: bool = False
+    # Called once at the end with (labels, status, ttft seconds or None, e2e seconds): the rollout's evidence.
+    on_finish: Callable[[dict[str, str], str, float | None, float], None] | None = None
     _done: bool = False
 
     def __post_init__(self):
@@ -128,14 +130,20 @@ class RequestTimer:
             if self.completion_tokens > 1 and self.t_last is not None:
                 itl = (self.t_last - self.t_first) / (self.completion_tokens - 1)
                 metric("slimserve_inter_token_latency_seconds").observe(itl, tags=labels)
+        if self.on_finish is not None:
+            ttft = self.t_first - self.t0 if self.stream and self.t_first is not None and status_label == "200" else None
+            try:
+                self.on_finish(labels, status_label, ttft, end - self.t0)
+            except Exception as e:  # never fail a request over bookkeeping
+                log.warning("on_finish: %s", e)
 
 
-def start_timer(body, labels: dict[str, str]) -> RequestTimer:
+def start_timer(body, labels: dict[str, str], on_finish=None) -> RequestTimer:
     """A timer for this request. A streamed request asks the engine for token counts; the usage
     chunk is dropped again on the way out unless the client asked for it."""
     stream = bool(getattr(body, "stream", False))
     options = getattr(body, "stream_options", None)
-    timer = RequestTimer(labels, stream, client_wants_usage=bool(options and options.include_usage))
+    timer = RequestTimer(labels, stream, client_wants_usage=bool(options and options.include_usage), on_finish=on_finish)
     if stream:
         value = {**(options.model_dump() if options else {}), "include_usage": True}
         annotation = type(body).model_fields["stream_options"].annotation

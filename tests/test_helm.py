@@ -278,6 +278,30 @@ def test_api_keys_existing_secret_and_none():
     assert _api_keys_env(objects) == []
 
 
+def test_admin_keys_are_a_secret_of_their_own():
+    values = values_file("ab")
+    values["adminKeys"] = {"keys": ["ops-key"]}
+    objects = render(values)
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    admin = secrets[f"{FULLNAME}-admin-keys"]
+    assert base64.b64decode(admin["data"]["admin-keys"]).decode() == "ops-key"
+    containers = _containers(one(objects, "RayService"))
+    refs = [e for c in containers for e in c["env"] if e["name"] == "SLIMSERVE_ADMIN_KEYS"]
+    assert len(refs) == 2 and all(r["valueFrom"]["secretKeyRef"]["name"] == f"{FULLNAME}-admin-keys" for r in refs)
+    assert not any(e["name"] == "SLIMSERVE_ADMIN_KEYS" for c in _containers(one(render(), "RayService")) for e in c["env"])
+
+
+def test_a_rollout_block_goes_through_values_and_is_checked_by_the_schema():
+    values = values_file("ab")
+    model = values["slimserve"]["models"][0]
+    rollout = {"candidate": model["variants"][1]["name"], "steps": [10, 50, 100], "min_requests": 100}
+    model["rollout"] = rollout
+    app = yaml.safe_load(one(render(values), "RayService")["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["models"][0]["rollout"] == rollout
+    model["rollout"] = {**rollout, "min_requests": 0}
+    assert "min_requests" in render_error(values)
+
+
 # --- metrics-service.yaml, podmonitor.yaml, servicemonitor.yaml ------------------------------
 
 

@@ -140,6 +140,9 @@ def test_a_restart_resumes_the_rollout_and_a_second_replica_follows(tmp_path):
 def test_a_breach_rolls_back_at_once_and_stays_down(tmp_path):
     clock = Clock()
     c = controller(tmp_path, clock, guardrails={"max_unavailable_s": 5})
+    c.tick(False)  # still loading at the start: not a breach, however long
+    clock.t += 60
+    assert c.tick(False).status == "running"
     c.tick(True)
     clock.t += 2
     c.tick(False)

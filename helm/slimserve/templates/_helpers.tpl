@@ -37,6 +37,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-keys" (include "slimserve.fullname" .)) .Values.apiKeys.existingSecret -}}
 {{- end -}}
 
+{{- define "slimserve.adminKeysSecretName" -}}
+{{- default (printf "%s-admin-keys" (include "slimserve.fullname" .)) .Values.adminKeys.existingSecret -}}
+{{- end -}}
+
 {{/*
 The Ray Serve config (serveConfigV2): one application built from the slimserve config. Variant
 weights leave the args and become the ingress deployment's user_config: Serve applies a change
@@ -115,6 +119,13 @@ are not mixed, which over-counts a little at worst and never strands a group.
     secretKeyRef:
       name: {{ include "slimserve.apiKeysSecretName" . }}
       key: {{ .Values.apiKeys.secretKey }}
+{{- end }}
+{{- if or .Values.adminKeys.keys .Values.adminKeys.existingSecret }}
+- name: SLIMSERVE_ADMIN_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "slimserve.adminKeysSecretName" . }}
+      key: {{ .Values.adminKeys.secretKey }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
