@@ -30,6 +30,7 @@ examples:
   slimserve run my.yaml                      serve on 127.0.0.1:8000/v1 until Ctrl-C or SIGTERM
   slimserve run deploy/demo.yaml             a Ray Serve config file works too
   slimserve optimize my.yaml --variant int8  build a variant's checkpoint ahead of time
+  slimserve rollout status --model smollm2   a progressive rollout's step and history (admin key)
 
 `slimserve COMMAND -h` shows a command's options; -v (anywhere) shows Ray's and vLLM's logs."""
 
@@ -174,7 +175,17 @@ def _ab_report(args) -> int:
     except (PrometheusError, ValueError) as e:
         print(e, file=sys.stderr)
         return 1
-    print(json.dumps(r, indent=2) if args.json else format_table(r))
+    rollout = None
+    if args.url:
+        from .rollout_cli import admin_key, fetch, format_status
+
+        code, body = fetch(args.url, args.model, admin_key("SLIMSERVE_ADMIN_KEYS"))
+        rollout = body if code == 200 else {"unavailable": (body.get("error") or {}).get("message", str(code))}
+        r["rollout"] = rollout
+    out = json.dumps(r, indent=2) if args.json else format_table(r)
+    if rollout and not args.json:
+        out += "\n\n" + (format_status(rollout) if "history" in rollout else f"rollout: {rollout['unavailable']}")
+    print(out)
     return 0
 
 
@@ -228,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", default="1h", help="look-back window, a Prometheus duration (default 1h)")
     p.add_argument("--baseline", help="variant the others are compared with (default: the unoptimized one)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--url", help="the slimserve endpoint: also show the model's rollout and its step history "
+                   "(admin key from $SLIMSERVE_ADMIN_KEYS)")
     p.set_defaults(func=_ab_report)
+
+    from .rollout_cli import add_parser as add_rollout_parser
+
+    add_rollout_parser(sub)
 
     p = sub.add_parser("distill", help="teacher -> student knowledge distillation on text (torchrun for several GPUs)")
     from slimserve.optimizers.distill import add_arguments, run_cli

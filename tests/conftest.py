@@ -45,6 +45,8 @@ METRICS_PORT = free_port()
 # Kubernetes Secret puts them into the pods'); only used where a test's config names this variable.
 TEST_API_KEYS_ENV = "SLIMSERVE_TEST_API_KEYS"
 os.environ[TEST_API_KEYS_ENV] = "sk-test-one,sk-test-two"
+# Admin keys for the rollout tests (the operator's routes), the same way.
+os.environ["SLIMSERVE_TEST_ADMIN_KEYS"] = "sk-admin-test"
 
 
 @pytest.fixture(scope="session")

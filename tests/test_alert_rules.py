@@ -17,7 +17,8 @@ from promql_names import exported, metric_names, unknown_names
 RULES = CHART / "files" / "slimserve-alerts.yml"
 DEPLOY_RULES = REPO / "deploy" / "prometheus" / "slimserve-alerts.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "slimserve-alerts_test.yml"
-ALERTS = {"SlimserveTimeToFirstTokenHigh", "SlimserveErrorRateHigh", "SlimserveQualityGateFailed", "SlimserveVariantUnavailable"}
+ALERTS = {"SlimserveTimeToFirstTokenHigh", "SlimserveErrorRateHigh", "SlimserveQualityGateFailed", "SlimserveVariantUnavailable",
+          "SlimserveRolloutRolledBack"}
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
