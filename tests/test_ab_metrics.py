@@ -230,6 +230,37 @@ def test_shadow_variant_gets_copies_without_the_client_waiting(main_app, prometh
         redeploy(main_app, session_cache)
 
 
+def test_live_probes_compare_served_prompts_with_the_baseline(main_app, prometheus, session_cache):
+    """With `probe: {sample: 1}` every request's prompt is also sent, in the background, to the
+    baseline and to int8 as an 8-token greedy completion; each probe's outcome, the shared prefix
+    and the KL estimate are exported, and the agreement gauge is the fraction of matches."""
+    redeploy(main_app, session_cache, probe={"sample": 1.0, "tokens": 8, "window": 50})
+    try:
+        prompts = ["The capital of France is", "Water boils at", "The largest planet is", "Once upon a time",
+                   "The chemical symbol for gold is", "Two plus two equals"]
+        for i, prompt in enumerate(prompts):
+            # The client is answered by whichever variant the split picks, with its own settings.
+            r = complete(main_app, prompt=prompt, max_tokens=2, temperature=0.8, user=f"probe-user-{i}")
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        q = 'sum by (outcome) (slimserve_live_probes_total{model="smollm2",variant="int8"})'
+        outcomes = wait_for(lambda: (o := {dict(k)["outcome"]: v for k, v in promql(prometheus, q).items()})
+                            and o.get("match", 0) + o.get("mismatch", 0) == len(prompts) and o, 90, "6 probes recorded")
+        assert set(outcomes) <= {"match", "mismatch"}, outcomes  # none dropped or failed at this load
+        agreement = wait_for(lambda: by_variant(prometheus, 'max by (variant) (slimserve_live_agreement{model="smollm2"})'),
+                             90, "agreement gauge")
+        assert set(agreement) == {"int8"}  # the baseline is not compared with itself
+        assert agreement["int8"] == pytest.approx(outcomes.get("match", 0) / len(prompts))
+        prefix = by_variant(prometheus, 'sum by (variant) (slimserve_live_prefix_tokens_count{model="smollm2"})')
+        kl = by_variant(prometheus, 'sum by (variant) (slimserve_live_kl_per_token_sum{model="smollm2"})')
+        assert prefix["int8"] == len(prompts) and kl["int8"] >= 0
+        # A matched probe shares all 8 tokens, a mismatched one at most 7.
+        shared = by_variant(prometheus, 'sum by (variant) (slimserve_live_prefix_tokens_sum{model="smollm2"})')["int8"]
+        match, mismatch = outcomes.get("match", 0), outcomes.get("mismatch", 0)
+        assert 8 * match <= shared <= 8 * match + 7 * mismatch, (shared, outcomes)
+    finally:
+        redeploy(main_app, session_cache)
+
+
 def test_new_weights_reach_the_live_ingress_without_replacing_anything(main_app, session_cache):
     """Weights are the ingress's user_config: a change reaches the running ingress replica
     (SlimserveIngress.reconfigure); no process is replaced, no stream is cut."""
