@@ -32,6 +32,9 @@ from .server import SlimServer
 
 log = logging.getLogger("slimserve.app")
 
+# A model's settings that only the ingress uses: changing them must not restart its engines.
+INGRESS_ONLY_MODEL_FIELDS = {"variants", "sticky", "shadow", "probe", "rollout"}
+
 # Passed from the process that builds the app to every replica, when set.
 _PROPAGATED_ENV = ("SLIMSERVE_HOME", "SLIMSERVE_OPTIMIZER_PYTHON", "HF_HOME")
 
@@ -228,17 +231,25 @@ def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[s
     engines = app._bound_deployment.init_kwargs["llm_deployments"]
     for model in cfg.models:
         for variant in model.variants:
-            spec = {
-                "cache_dir": cfg.cache_dir,
-                "model": model.model_dump(mode="json", exclude={"variants", "sticky", "shadow"}),
-                "variant": variant.model_dump(mode="json", exclude={"weight"}),
-                "gpu_share": shares.get(f"{model.name}/{variant.name}"),
-            }
-            engines[model.model_id(variant)]._bound_deployment._version = _digest(spec)
-    # Weights are left out: they reach the live ingress as its user_config.
+            engines[model.model_id(variant)]._bound_deployment._version = engine_version(cfg, model, variant, shares)
+    app._bound_deployment._version = ingress_version(ingress_kwargs)
+
+
+def engine_version(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, shares: dict[str, float]) -> str:
+    """What a variant's engine runs: not the weights, nor what only the ingress uses."""
+    return _digest({
+        "cache_dir": cfg.cache_dir,
+        "model": model.model_dump(mode="json", exclude=INGRESS_ONLY_MODEL_FIELDS),
+        "variant": variant.model_dump(mode="json", exclude={"weight"}),
+        "gpu_share": shares.get(f"{model.name}/{variant.name}"),
+    })
+
+
+def ingress_version(ingress_kwargs: dict[str, Any]) -> str:
+    """What the ingress runs, weights left out: they reach the live ingress as its user_config."""
     unweighted = {name: [{**r, "weight": None} for r in routes]
                   for name, routes in ingress_kwargs["spec"]["splits"].items()}
-    app._bound_deployment._version = _digest({**ingress_kwargs, "spec": {**ingress_kwargs["spec"], "splits": unweighted}})
+    return _digest({**ingress_kwargs, "spec": {**ingress_kwargs["spec"], "splits": unweighted}})
 
 
 def build_app(args: dict[str, Any]) -> Application:

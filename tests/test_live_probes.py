@@ -84,3 +84,19 @@ def test_bad_probe_settings_are_named_by_path(model, line):
     with pytest.raises(ConfigError) as e:
         load_config({"models": [{"name": "m", **model}]})
     assert any(line.replace("Value error, ", "") in l for l in e.value.lines), e.value.lines
+
+
+def test_probe_and_rollout_change_the_ingress_only():
+    """Their settings are the ingress's: adding them must not restart an engine (serve.run
+    replaces the deployments whose version changed)."""
+    from slimserve.serve.app import build_ingress_spec, engine_version, ingress_version
+
+    plain = {"models": [{"name": "m", "variants": [{"name": "a", "weight": 3}, {"name": "b", "optimization": "w8a8"}]}]}
+    probed = {"models": [{**plain["models"][0], "probe": {"sample": 0.1},
+                          "rollout": {"candidate": "b", "guardrails": {"min_agreement": 0.5}}}]}
+    reweighted = {"models": [{**plain["models"][0], "variants": [{"name": "a", "weight": 1}, {"name": "b", "optimization": "w8a8"}]}]}
+    cfgs = [load_config(c) for c in (plain, probed, reweighted)]
+    engines = [[engine_version(c, c.models[0], v, {}) for v in c.models[0].variants] for c in cfgs]
+    assert engines[0] == engines[1] == engines[2]
+    ingress = [ingress_version({"spec": build_ingress_spec(c)}) for c in cfgs]
+    assert ingress[0] != ingress[1] and ingress[0] == ingress[2]  # weights alone: the user_config
