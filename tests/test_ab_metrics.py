@@ -234,7 +234,8 @@ def test_live_probes_compare_served_prompts_with_the_baseline(main_app, promethe
     """With `probe: {sample: 1}` every request's prompt is also sent, in the background, to the
     baseline and to int8 as an 8-token greedy completion; each probe's outcome, the shared prefix
     and the KL estimate are exported, and the agreement gauge is the fraction of matches."""
-    redeploy(main_app, session_cache, probe={"sample": 1.0, "tokens": 8, "window": 50})
+    # Room for every probe at once: the requests below come faster than two probes each finish.
+    redeploy(main_app, session_cache, probe={"sample": 1.0, "tokens": 8, "window": 50, "max_in_flight": 8})
     try:
         prompts = ["The capital of France is", "Water boils at", "The largest planet is", "Once upon a time",
                    "The chemical symbol for gold is", "Two plus two equals"]

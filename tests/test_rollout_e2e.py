@@ -25,6 +25,11 @@ ADMIN_ENV = "SLIMSERVE_TEST_ADMIN_KEYS"
 ADMIN_KEY = os.environ[ADMIN_ENV]  # set by conftest before the cluster starts
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 FAST = {"min_requests": 4, "min_seconds": 3, "evaluate_every_s": 1}
+# The load's prompts: ones whose first 4 greedy tokens W8A8 SmolLM2 keeps (measured: on these 7 it
+# does, on others such as "Once upon a time" it does not), so the agreement guard can pass it; the
+# pruned candidate is judged on the same prompts.
+PROMPTS = ["The capital of France is", "Water boils at", "One, two, three,", "The opposite of hot is",
+           "The first letter of the alphabet is", "Roses are red, violets are", "The chemical symbol for water is"]
 
 
 class SteadyLoad:
@@ -39,7 +44,7 @@ class SteadyLoad:
         n = 0
         while not self._stop.is_set():
             n += 1
-            body = {"model": "smollm2", "prompt": f"Fact number {n}:", "max_tokens": 4, "user": f"load-{i}-{n}",
+            body = {"model": "smollm2", "prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": 4, "user": f"load-{i}-{n}",
                     "stream": n % 2 == 0}
             sent = time.time()
             try:
@@ -74,7 +79,7 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
         rollout={"candidate": "int8", "steps": [25, 50, 100], **FAST,
                  # W8A8 on a 2-core CPU is not faster than bf16, and CPU latency is noisy: the test
                  # is about the steps, not a latency verdict.
-                 "guardrails": {"min_agreement": 0.3, "max_ttft_p95_ratio": 5, "max_e2e_p95_ratio": 5}},
+                 "guardrails": {"min_agreement": 0.5, "max_ttft_p95_ratio": 5, "max_e2e_p95_ratio": 5}},
     )
     deploy_and_wait(config, MAIN_APP)
     try:
@@ -119,13 +124,15 @@ def test_a_candidate_whose_engine_dies_is_rolled_back(main_app, session_cache):
     deploy_and_wait(config, MAIN_APP)
     try:
         wait_for(lambda: rollout(main_app)["status"] == "running", 60, "rollout running")
-        with SteadyLoad(main_app) as load:
+        with SteadyLoad(main_app, threads=3) as load:
             wait_for(lambda: any(v == "int8" for _, c, v in load.results if c == 200), 120, "int8 answering")
             killed_at = time.time()
             os.kill(engine_info("smollm2--int8")["pid"], signal.SIGKILL)  # as the OOM killer would
             state = wait_for(lambda: (s := rollout(main_app))["status"] == "rolled_back" and s, 120, "rolled back")
             rolled_back_at = state["history"][-1]["at"]
-            time.sleep(3)
+            # Requests sent to int8 just before the rollback wait for its replica to come back
+            # (Serve restarts it); the others go on at once, to the baseline.
+            wait_for(lambda: sum(t > rolled_back_at + 1 for t, _, _ in load.results) >= 4, 180, "requests after the rollback")
         assert "unavailable" in state["history"][-1]["reason"], state["history"]
         assert state["candidate_percent"] == 0
         failed = [(t, v) for t, code, v in load.results if code != 200]
