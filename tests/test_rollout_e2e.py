@@ -105,6 +105,7 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
         def exported() -> bool:
             text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=30).text
             return ('ray_slimserve_rollout_decisions_total{' in text and 'action="promote"' in text
+                    and 'ray_slimserve_rollout_percent{' in text
                     and any(l.startswith("ray_slimserve_rollout_status{") and 'status="promoted"' in l and l.endswith(" 1.0")
                             for l in text.splitlines()))
         wait_for(exported, 60, "rollout metrics exported")
