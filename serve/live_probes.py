@@ -142,7 +142,10 @@ class LiveProbes:
                 self._count(plan, variant, cand)
                 continue
             result = compare(base, cand, plan.settings.tokens)
-            self._record(plan, variant, result)
+            try:
+                self._record(plan, variant, result)
+            except Exception as e:  # a task's exception would otherwise vanish unseen
+                log.warning("live probe of %s/%s: recording failed: %s", plan.model, variant, e)
 
     async def _answer(self, plan: ProbePlan, body, call_method: str, model_id: str) -> Greedy | str:
         """The greedy answer of `model_id`, or the probe's outcome label when there is none."""

@@ -19,7 +19,7 @@ from typing import Any
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 20, 40, 80]
 ITL_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240, 600]
-PREFIX_BUCKETS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]  # tokens
+PREFIX_BUCKETS = [0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256]  # tokens (le=0.5: none shared; Ray wants bounds > 0)
 KL_BUCKETS = [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]  # nats per token
 
 REQUEST = ("model", "variant")

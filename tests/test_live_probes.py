@@ -100,3 +100,12 @@ def test_probe_and_rollout_change_the_ingress_only():
     assert engines[0] == engines[1] == engines[2]
     ingress = [ingress_version({"spec": build_ingress_spec(c)}) for c in cfgs]
     assert ingress[0] != ingress[1] and ingress[0] == ingress[2]  # weights alone: the user_config
+
+
+def test_every_histogram_has_bounds_ray_accepts():
+    """Ray refuses a histogram bound <= 0 when the metric is first used, inside a replica."""
+    from slimserve.serve.metrics import METRICS
+
+    for name, (kind, _, _, buckets) in METRICS.items():
+        if kind == "histogram":
+            assert buckets and all(b > 0 for b in buckets) and buckets == sorted(buckets), name
