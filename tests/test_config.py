@@ -192,22 +192,25 @@ def test_the_built_in_default_max_tokens_follows_a_lower_cap():
     assert config.ingress.limits.default_max_tokens == 4
 
 
+WEIGHTED_SERVE_CONFIG = """
+    applications:
+      - name: llm
+        import_path: slimserve.serve.app:build_app
+        args:
+          models:
+            - name: smollm2
+              variants: [{{name: baseline}}, {{name: int8, optimization: w8a8}}]
+        deployments:
+          - {{name: SlimserveIngress, user_config: {{weights: {weights}}}}}
+"""
+
+
 def test_the_ingress_user_config_of_a_serve_config_sets_the_weights(tmp_path):
     from slimserve.serve.config_file import load_config_file
 
     path = tmp_path / "serve.yaml"
-    path.write_text(textwrap.dedent("""
-        applications:
-          - name: llm
-            import_path: slimserve.serve.app:build_app
-            args:
-              models:
-                - name: smollm2
-                  variants: [{name: baseline}, {name: int8, optimization: w8a8}]
-            deployments:
-              - {name: SlimserveIngress, user_config: {weights: {smollm2: {int8: 3}}}}
-              - {name: "SlimServer:smollm2--int8", num_replicas: 2}
-    """))
+    text = WEIGHTED_SERVE_CONFIG.format(weights="{smollm2: {int8: 3}}")
+    path.write_text(textwrap.dedent(text) + '      - {name: "SlimServer:smollm2--int8", num_replicas: 2}\n')
     loaded = load_config_file(path)
     assert {v.name: v.weight for v in loaded.apps[0].config.models[0].variants} == {"baseline": 1.0, "int8": 3.0}
     assert loaded.ignored == ["applications.0[llm].deployments.1"]  # `slimserve run` does not apply it
@@ -219,15 +222,5 @@ def test_the_ingress_user_config_of_a_serve_config_sets_the_weights(tmp_path):
     ("{smollm2: {baseline: 0, int8: 0}}", "applications.0[llm].deployments.0.user_config.weights -> models.0.variants: all variant weights are 0"),
 ])
 def test_bad_weights_in_the_ingress_user_config_are_named_by_path(tmp_path, weights, line):
-    r = validate(tmp_path, f"""
-        applications:
-          - name: llm
-            import_path: slimserve.serve.app:build_app
-            args:
-              models:
-                - name: smollm2
-                  variants: [{{name: baseline}}, {{name: int8, optimization: w8a8}}]
-            deployments:
-              - {{name: SlimserveIngress, user_config: {{weights: {weights}}}}}
-    """)
+    r = validate(tmp_path, WEIGHTED_SERVE_CONFIG.format(weights=weights))
     assert r.returncode == 1 and line in r.stderr, r.stderr
