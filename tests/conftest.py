@@ -23,13 +23,17 @@ os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
 def pytest_collection_modifyitems(items):
     # The demo test starts and stops its own Ray cluster and needs both cores: run it before
     # the session cluster exists. Then unit tests, then tests against the shared cluster.
-    # Tests on the shared app (main_app) run before e2e tests that need every core for their own.
+    # Tests on the shared app (main_app) run before e2e tests that need every core for their own;
+    # among them, those that kill one of its engines last (a restarted engine reports a cache hit,
+    # and others check what the first start did).
     def rank(item):
         if "standalone" in item.keywords:
             return 0
         if "e2e" not in item.keywords:
             return 1
-        return 2 if "main_app" in getattr(item, "fixturenames", ()) else 3
+        if "main_app" in getattr(item, "fixturenames", ()):
+            return 2.5 if "kills_engines" in item.keywords else 2
+        return 3
 
     items.sort(key=rank)
 

@@ -29,6 +29,7 @@ def baseline_pid(base_url: str) -> int | None:
     return info.get("pid") if info else None
 
 
+@pytest.mark.kills_engines
 def test_a_replica_killed_mid_stream(main_app):
     cores_before = len(engine_cores())
     events: list[str] = []

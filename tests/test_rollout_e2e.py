@@ -116,6 +116,7 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
         deploy_and_wait(main_config(session_cache), MAIN_APP)
 
 
+@pytest.mark.kills_engines
 def test_a_candidate_whose_engine_dies_is_rolled_back(main_app, session_cache):
     config = main_config(
         session_cache, ingress={"admin_keys_env": ADMIN_ENV},
