@@ -105,15 +105,26 @@ class HealthBoard:
             pass
 
     async def refresh_if_stale(self, model_ids, *, any_down: bool = False, wait_s: float | None = None) -> None:
-        """Look again now when the last look is older than ON_DEMAND_REFRESH_S and none of
-        `model_ids` is known ready (routing: e.g. the first request after a deploy, which must not
+        """Look again now when the last look is older than ON_DEMAND_REFRESH_S (or still under
+        way) and none of `model_ids` is known ready (routing: e.g. the first request after a deploy, which must not
         get a 503 from stale knowledge) — or, with `any_down`, when one is not (listing). While
         one candidate is ready, routing never waits: the background probe picks up the others."""
         if not model_ids:
             return
-        down = [not self.states[m].available for m in model_ids]
-        if (any(down) if any_down else all(down)) and time.monotonic() - self._last_refresh > ON_DEMAND_REFRESH_S:
+        asked = time.monotonic()
+
+        def wanted() -> bool:
+            down = [not self.states[m].available for m in model_ids]
+            return any(down) if any_down else all(down)
+
+        in_flight = self._refreshing is not None and not self._refreshing.done()
+        if wanted() and (in_flight or asked - self._last_refresh > ON_DEMAND_REFRESH_S):
             await self.refresh(wait_s)
+            # A look already under way when this request came may have read Serve's status before
+            # the variant came up (serve.status() takes seconds on a busy host): one more look,
+            # begun after the request, decides.
+            if wanted() and self._last_refresh < asked and self._refreshing.done():
+                await self.refresh(None if wait_s is None else max(0.0, wait_s - (time.monotonic() - asked)))
 
     async def _refresh(self) -> None:
         self._last_refresh = time.monotonic()

@@ -1,0 +1,81 @@
+"""The ingress's view of its variants (serve/health.py) at the moment a deploy finishes.
+
+The race found on a busy host: a look at Serve's status that began while the engine was still
+starting came back after the app was RUNNING, and the first request, which shared that look, got
+a 503 "loading". Timing that race against a real controller cannot be made deterministic, so
+Serve's status here is a stand-in object with the fields HealthBoard reads (the end-to-end path
+is in test_declared_weights / test_serving)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+from slimserve.serve.health import HealthBoard, State
+
+
+class EngineHandle:
+    deployment_name = "SlimServer:m--a"
+
+    class _Info:
+        @staticmethod
+        async def remote():
+            return {"pid": 1}
+
+    slimserve_info = _Info()
+
+
+def overview(status: str) -> SimpleNamespace:
+    dep = SimpleNamespace(status=status, message="")
+    return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"SlimServer:m--a": dep})})
+
+
+class SlowController:
+    """serve.status() that answers what was true when it was asked, `delay_s` later."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.status = "UPDATING"
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.calls += 1
+        seen = self.status
+        time.sleep(self.delay_s)
+        return overview(seen)
+
+
+def test_a_request_after_the_engine_came_up_is_not_answered_from_an_older_look():
+    async def scenario():
+        controller = SlowController(delay_s=0.3)
+        board = HealthBoard({"m--a": EngineHandle()}, "app", controller)
+        board._last_refresh = -1e9
+        looking = asyncio.create_task(board.refresh())  # begun while the engine starts
+        await asyncio.sleep(0.05)
+        controller.status = "HEALTHY"  # the engine is up; the look above still reads "UPDATING"
+        await board.refresh_if_stale(["m--a"])  # the first request
+        await looking
+        return board.state_of("m--a"), controller.calls
+
+    health, calls = asyncio.run(scenario())
+    assert health.state is State.READY, health.describe()
+    assert calls >= 2
+
+
+def test_a_variant_that_is_down_stays_down_and_looks_are_bounded():
+    async def scenario():
+        controller = SlowController(delay_s=0.01)
+        board = HealthBoard({"m--a": EngineHandle()}, "app", controller)
+        await asyncio.sleep(0.1)  # the board's warm-up call
+        before = controller.calls
+        board._last_refresh = -1e9
+        await asyncio.gather(*(board.refresh_if_stale(["m--a"]) for _ in range(20)))
+        return board.state_of("m--a"), controller.calls - before
+
+    health, looks = asyncio.run(scenario())
+    assert health.state is State.LOADING
+    assert 1 <= looks <= 2, looks  # 20 concurrent requests share the looks
