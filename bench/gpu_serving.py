@@ -249,6 +249,7 @@ def slim_config() -> Path:
 
     cfg = {
         "cache_dir": str(WORK / "cache"),
+        "ingress": {"replicas": ARGS.ingress_replicas},
         "models": [{
             "name": "llama8b", "source": str(WORK / "llama8b"),
             # No gpu_share: the engines split the GPU evenly (four: 0.25 each, memory 0.225 each).
@@ -424,6 +425,7 @@ def main() -> None:
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="the variants slimserve serves (fewer: a shorter cold start, a larger GPU share each)")
+    ap.add_argument("--ingress-replicas", type=int, default=1)
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU host (see cpu_smoke)")
     ARGS = ap.parse_args()
     WORK = Path(ARGS.work)

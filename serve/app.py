@@ -198,6 +198,7 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
             "ingress_cls_config": {"ingress_cls": SlimserveIngress, "ingress_extra_kwargs": ingress_kwargs},
             "ingress_deployment_config": {
                 "name": INGRESS_DEPLOYMENT,  # a Serve config's `deployments` entry names it
+                "num_replicas": cfg.ingress.replicas,
                 # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
                 "ray_actor_options": {"num_cpus": 0},
                 # A replaced ingress (a changed config) finishes its streams before it goes.

@@ -41,6 +41,11 @@ class RequestLimits(_Strict):
 class IngressSettings(_Strict):
     """The OpenAI-compatible front door."""
 
+    replicas: int = Field(
+        1, ge=1, description="Ingress replicas. Every stream's chunks pass through an ingress replica's one "
+        "event loop: at high concurrency on a fast GPU that loop, not the GPU, is the limit (docs/BENCHMARKS.md); "
+        "more replicas share it. Routing and sticky users give the same answer on every replica."
+    )
     allow_forced_variant: bool = Field(True, description="Honour the x-slimserve-variant request header.")
     shadow_max_in_flight: int = Field(
         8, ge=0, description="Shadow copies in flight at once per ingress replica; beyond it copies are dropped "

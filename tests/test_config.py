@@ -224,3 +224,16 @@ def test_the_ingress_user_config_of_a_serve_config_sets_the_weights(tmp_path):
 def test_bad_weights_in_the_ingress_user_config_are_named_by_path(tmp_path, weights, line):
     r = validate(tmp_path, WEIGHTED_SERVE_CONFIG.format(weights=weights))
     assert r.returncode == 1 and line in r.stderr, r.stderr
+
+
+def test_ingress_replicas_reach_the_ingress_deployment(tmp_path):
+    from slimserve.serve.app import build_app
+
+    cfg = {"models": [{"name": "m", "source": "default", "variants": [{"name": "a"}]}], "ingress": {"replicas": 3}}
+    assert build_app(cfg)._bound_deployment._deployment_config.num_replicas == 3
+    r = validate(tmp_path, """
+        ingress: {replicas: 0}
+        models:
+          - {name: m, variants: [{name: a}]}
+    """)
+    assert r.returncode != 0 and "ingress.replicas" in r.stderr, r.stderr
