@@ -60,11 +60,13 @@ def kd_loss(student_logits, teacher_logits, input_ids, temperature: float, alpha
     return alpha * kl + (1 - alpha) * ce, ce, kl
 
 
-def distill(teacher, student, tokenizer, args: DistillArgs, work_dir: Path, resume: bool = False) -> dict[str, Any]:
+def distill(teacher, student, tokenizer, args: DistillArgs, work_dir: Path, resume: bool = False,
+            callbacks: list | None = None) -> dict[str, Any]:
     """Train `student` (in place) toward `teacher` (or alone if alpha is 0 / teacher is None).
 
     `work_dir` holds checkpoints (`checkpoint-N/`) when save_steps > 0; `resume` continues from
-    the newest one. Returns facts for the report (tokens/s, losses, seconds)."""
+    the newest one; `callbacks`: more transformers TrainerCallbacks (e.g. a pruning schedule).
+    Returns facts for the report (tokens/s, losses, seconds)."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -135,7 +137,7 @@ def distill(teacher, student, tokenizer, args: DistillArgs, work_dir: Path, resu
         ddp_find_unused_parameters=False,
     )
     student.train()
-    trainer = KDTrainer(model=student, args=targs, train_dataset=train, callbacks=[Throughput()])
+    trainer = KDTrainer(model=student, args=targs, train_dataset=train, callbacks=[Throughput(), *(callbacks or [])])
     ckpt = None
     if resume:
         from transformers.trainer_utils import get_last_checkpoint

@@ -95,38 +95,11 @@ class StructuredPrune(Optimization):
         for h in hooks:
             h.remove()
 
-        state = model.state_dict()
         keep_layers = influence.topk(layers_kept).indices.sort().values.tolist()
-        kept_groups, kept_channels = [], []
-        for i in range(len(layers)):
-            groups = head_score[i].view(n_kv, group).sum(-1).topk(kv_keep).indices.sort().values
-            chans = chan_score[i].topk(inter_keep).indices.sort().values
-            kept_groups.append(groups.tolist())
-            kept_channels.append(chans.tolist())
-            heads = (groups[:, None] * group + torch.arange(group)).flatten()
-            q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            p = f"model.layers.{i}."
-            for name, rows in (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)):
-                state[p + name + ".weight"] = state[p + name + ".weight"][rows]
-                if p + name + ".bias" in state:
-                    state[p + name + ".bias"] = state[p + name + ".bias"][rows]
-            state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, q_rows]
-            for name in ("mlp.gate_proj", "mlp.up_proj"):
-                state[p + name + ".weight"] = state[p + name + ".weight"][chans]
-            state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, chans]
-        state = _renumber_layers(state, keep_layers)
-
-        extra = {"num_hidden_layers": layers_kept}
-        if getattr(cfg, "layer_types", None):
-            extra["layer_types"] = [cfg.layer_types[i] for i in keep_layers]
-        new_cfg = cfg.__class__.from_dict(
-            {**cfg.to_dict(), "num_attention_heads": kv_keep * group, "num_key_value_heads": kv_keep,
-             "head_dim": head_dim, "intermediate_size": inter_keep, **extra}
-        )
-        pruned = AutoModelForCausalLM.from_config(new_cfg, dtype=torch.float32)
-        pruned.load_state_dict(state, strict=True)
-        pruned.generation_config = model.generation_config
+        kept_groups = [head_score[i].view(n_kv, group).sum(-1).topk(kv_keep).indices.sort().values.tolist()
+                       for i in range(n_layers)]
+        kept_channels = [chan_score[i].topk(inter_keep).indices.sort().values.tolist() for i in range(n_layers)]
+        pruned = pruned_copy(model, kept_groups, kept_channels, keep_layers)
         healing = self._heal(model, pruned, tokenizer, out) if self.heal else None
         pruned.to(saved_dtype(base))  # importance was measured in fp32; save as the base was
         pruned.save_pretrained(out)
@@ -158,6 +131,46 @@ class StructuredPrune(Optimization):
         train.pop("history", None)
         return {"perplexity_before": before and round(before, 3), "perplexity_after": after and round(after, 3),
                 "held_out": self.heal_eval.model_dump(), **train}
+
+
+def pruned_copy(model, kept_groups: list[list[int]], kept_channels: list[list[int]], keep_layers: list[int]):
+    """A smaller dense copy of a Llama-family `model` (fp32): per layer i, the KV groups
+    `kept_groups[i]` (with their query heads) and the MLP channels `kept_channels[i]`; only the
+    layers in `keep_layers`. Every layer keeps the same counts (one config for all)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = model.config
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    group = n_heads // n_kv
+    state = model.state_dict()
+    for i, (groups, chans) in enumerate(zip(kept_groups, kept_channels)):
+        groups, chans = torch.tensor(groups), torch.tensor(chans)
+        heads = (groups[:, None] * group + torch.arange(group)).flatten()
+        q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        p = f"model.layers.{i}."
+        for name, rows in (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows)):
+            state[p + name + ".weight"] = state[p + name + ".weight"][rows]
+            if p + name + ".bias" in state:
+                state[p + name + ".bias"] = state[p + name + ".bias"][rows]
+        state[p + "self_attn.o_proj.weight"] = state[p + "self_attn.o_proj.weight"][:, q_rows]
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            state[p + name + ".weight"] = state[p + name + ".weight"][chans]
+        state[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][:, chans]
+    state = _renumber_layers(state, keep_layers)
+    extra = {"num_hidden_layers": len(keep_layers)}
+    if getattr(cfg, "layer_types", None):
+        extra["layer_types"] = [cfg.layer_types[i] for i in keep_layers]
+    new_cfg = cfg.__class__.from_dict(
+        {**cfg.to_dict(), "num_attention_heads": len(kept_groups[0]) * group, "num_key_value_heads": len(kept_groups[0]),
+         "head_dim": head_dim, "intermediate_size": len(kept_channels[0]), **extra}
+    )
+    pruned = AutoModelForCausalLM.from_config(new_cfg, dtype=torch.float32)
+    pruned.load_state_dict(state, strict=True)
+    pruned.generation_config = model.generation_config
+    return pruned
 
 
 def _renumber_layers(state: dict, keep: list[int]) -> dict:

@@ -40,7 +40,10 @@ def _parse_optimization(value: Any) -> Optimization:
         return parse(value if value is not None else "none")
     except ValidationError as e:
         # Re-raise as a plain message so pydantic nests it under this field's path.
-        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+        raise ValueError("; ".join(
+            (f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "") + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )) from None
 
 
 OptimizationField = Annotated[Optimization, BeforeValidator(_parse_optimization)]

@@ -1,0 +1,101 @@
+"""The methods that train (issue 16) on SmolLM2, CPU-sized: quantization-aware training and
+gradual pruning. Each ends in a checkpoint: what it is, that training did what it promises, that
+the quality gate judges it, and that vLLM CPU serves it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_pruning import VLLM_LOAD
+
+from slimserve.optimizers.pipeline import QualityGateFailed, optimize
+
+# Training, the optimizer child process and a vLLM engine: minutes on CPU (not in `make test-fast`).
+pytestmark = pytest.mark.heavy
+
+HELD_OUT = {"held_out": {"text": "fortunes", "windows": 4, "seq_len": 128}}
+QAT = {
+    "method": "qat", "bits": 4,
+    # A CPU-sized run: 12 steps of 4 x 128 tokens, KD from the unquantized model only.
+    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 2e-5, "alpha": 1.0, "temperature": 1.0},
+    "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
+}
+GRADUAL = {
+    "method": "gradual_prune", "mlp_keep": 0.5, "start": 0.0, "end": 0.75, "every": 1,
+    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
+    "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
+}
+SPECS = {"qat": QAT, "gradual": GRADUAL}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("training-cache")
+
+
+@pytest.fixture(scope="module")
+def built(cache):
+    return {name: optimize("default", spec, cache, HELD_OUT) for name, spec in SPECS.items()}
+
+
+def test_qat_trains_through_the_quantizer_and_exports_what_it_trained(built):
+    qat = built["qat"]
+    report = qat.manifest["report"]
+    assert report["scheme"] == "W4A16" and report["group_size"] == 64  # SmolLM2's 576 takes 64
+    assert report["training"]["steps_run"] == 12 and report["training"]["tokens"] == 12 * 4 * 128
+    # Before training the fake-quantized model is what round-to-nearest gives; training lowers it.
+    assert report["perplexity_fake_quant_after"] < report["perplexity_fake_quant_before"], report
+    # The exported int4 weights are the ones training saw through torchao's fake quantizer.
+    assert report["export_matches_training"]["layers"] == 30 * 7
+    assert report["export_matches_training"]["equal_share"] > 0.95, report["export_matches_training"]
+    quant = json.loads((qat.path / "config.json").read_text())["quantization_config"]
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (quant["quant_method"], weights["num_bits"], weights["group_size"], weights["symmetric"]) == (
+        "compressed-tensors", 4, 64, True)
+
+
+def test_gradual_pruning_follows_its_schedule_to_a_smaller_dense_model(built):
+    report = built["gradual"].manifest["report"]
+    assert report["intermediate_size"] == [1536, 768]
+    kept = [k for _, k in report["schedule"]]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 768 and len(kept) >= 5, report["schedule"]
+    assert report["schedule"][-1][0] <= 0.75 * 12  # the last quarter trains the final shape
+    # Cutting out the masked channels changes nothing the model computes.
+    assert report["perplexity_after"] == pytest.approx(report["perplexity_masked_before_cut"], rel=1e-3)
+    assert report["parameters"][1] < 0.75 * report["parameters"][0]
+    config = json.loads((built["gradual"].path / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_hidden_layers"]) == (768, 30)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_the_quality_gate_judges_each_checkpoint(built, cache, name):
+    ratio = built[name].manifest["report"]["quality"]["ppl_ratio"]
+    assert ratio > 1.0, ratio
+    again = optimize("default", SPECS[name], cache, {**HELD_OUT, "max_ppl_ratio": ratio * 1.01})
+    assert again.cache_hit and again.path == built[name].path
+    with pytest.raises(QualityGateFailed, match=r"ratio .* > max_ppl_ratio"):
+        optimize("default", SPECS[name], cache, {**HELD_OUT, "max_ppl_ratio": ratio * 0.99})
+
+
+def test_vllm_cpu_serves_each_checkpoint(built, tmp_path):
+    # One engine at a time, in one process (test_pruning's loader).
+    paths = [built[name].path for name in SPECS]
+    script = tmp_path / "load.py"
+    script.write_text(VLLM_LOAD)
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, paths)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    assert [r["path"] for r in results] == list(map(str, paths))
+    assert results[1]["intermediate_size"] == 768
+    assert all(r["text"].strip() for r in results), results
