@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .gradual_prune import ChannelMasks, GradualPrune
 from .kd_trainer import DistillArgs, agreement, distill, save_student
 from .models import resolve_source
 from .quality import HeldOut, model_perplexity
@@ -26,6 +27,8 @@ def add_arguments(p) -> None:
     g.add_argument("--student", help="student checkpoint to start from (same tokenizer)")
     g.add_argument("--student-prune", metavar="JSON", help='prune the teacher into the student first, e.g. \'{"mlp_keep": 0.5, "layers_keep": 0.8}\'')
     g.add_argument("--student-config", metavar="JSON", help='teacher config overrides, randomly initialised, e.g. \'{"num_hidden_layers": 6}\'')
+    g.add_argument("--gradual-prune", metavar="JSON", help='start from the teacher itself and prune its MLP channels over the '
+                   'training on a cubic schedule (the `gradual_prune` method), e.g. \'{"mlp_keep": 0.5, "end": 0.7}\'')
     p.add_argument("--out", required=True, help="folder for the trained student (checkpoints in OUT/checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--eval-text", help="held-out text: perplexity of teacher and student before/after, and agreement")
@@ -51,7 +54,13 @@ def run_cli(a) -> int:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     # The teacher only runs forward: in the dtype it was saved in (the student trains in fp32).
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
-    if a.student:
+    masks = callbacks = None
+    if a.gradual_prune:  # the student is the teacher, losing MLP channels as it trains
+        spec = GradualPrune.model_validate({**json.loads(a.gradual_prune), "method": "gradual_prune", "train": args.model_dump()})
+        student = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+        masks = ChannelMasks(student)
+        callbacks = [masks.schedule(spec)]
+    elif a.student:
         student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
     else:  # a pruned student is written once, by rank 0, into OUT/student-init
         prune = StructuredPrune.model_validate(json.loads(a.student_prune)) if a.student_prune else None
@@ -63,7 +72,12 @@ def run_cli(a) -> int:
     held = HeldOut(text=a.eval_text, windows=16, seq_len=min(256, args.seq_len)) if a.eval_text else None
     if held and rank0:
         report["perplexity_before"] = round(model_perplexity(student, tokenizer, held), 3)
-    report["train"] = distill(teacher, student, tokenizer, args, out / "checkpoints", resume=a.resume)
+    report["train"] = distill(teacher, student, tokenizer, args, out / "checkpoints", resume=a.resume, callbacks=callbacks)
+    if masks is not None:  # every rank: the last prune is collective under torchrun
+        masks.prune_to(spec.final_width(masks.width))
+        student = masks.cut(student.cpu())
+        report["gradual_prune"] = {"schedule": masks.history, "intermediate_size": [masks.width, spec.final_width(masks.width)]}
+        report["student_parameters"] = sum(p.numel() for p in student.parameters())
     if rank0:
         if held:
             dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -78,7 +78,7 @@ class GradualPrune(Optimization):
 
         from .kd_trainer import distill
         from .quality import load_for_inference, model_perplexity
-        from .structured import pruned_copy, saved_dtype
+        from .structured import saved_dtype
 
         tokenizer = AutoTokenizer.from_pretrained(base)
         teacher = load_for_inference(base)  # forward only: in its saved dtype
@@ -93,9 +93,7 @@ class GradualPrune(Optimization):
         masks.prune_to(self.final_width(masks.width))  # whatever the last step was, end at the final width
         measure = self.eval.available()
         masked = model_perplexity(student, tokenizer, self.eval) if measure else None
-        masks.remove()
-        n_layers, n_kv = len(student.model.layers), student.config.num_key_value_heads
-        pruned = pruned_copy(student, [list(range(n_kv))] * n_layers, masks.kept(), list(range(n_layers)))
+        pruned = masks.cut(student)
         after = model_perplexity(pruned, tokenizer, self.eval) if measure else None
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         report = {
@@ -125,7 +123,8 @@ class ChannelMasks:
         layers = model.model.layers
         self.width = model.config.intermediate_size
         self.masks = torch.ones(len(layers), self.width)
-        self.scores = torch.zeros(len(layers), self.width)
+        self.scores = torch.zeros(len(layers), self.width)  # summed over every process of a torchrun job
+        self._local = torch.zeros(len(layers), self.width)  # this process's, since the last prune
         self.history: list[list[int]] = []  # [step, channels kept per layer]
         self._on_device: dict = {}
         self._hooks = [layer.mlp.down_proj.register_forward_pre_hook(self._hook(i)) for i, layer in enumerate(layers)]
@@ -134,7 +133,7 @@ class ChannelMasks:
         def hook(module, args):
             x = args[0]
             if module.training:
-                self.scores[i] += x.detach().float().abs().mean(dim=(0, 1)).cpu()
+                self._local[i] += x.detach().float().abs().mean(dim=(0, 1)).cpu()
             key = (i, x.device, x.dtype)
             if key not in self._on_device:
                 self._on_device[key] = self.masks[i].to(x.device, x.dtype)
@@ -145,6 +144,7 @@ class ChannelMasks:
         """Mask the least important live channels of every layer until `kept` remain."""
         import torch
 
+        self._sync()
         changed = False
         for i in range(len(self.masks)):
             alive = self.masks[i] > 0
@@ -155,6 +155,18 @@ class ChannelMasks:
                 changed = True
         if changed:
             self._on_device.clear()
+
+    def _sync(self) -> None:
+        """Add every process's scores since the last prune (data-parallel ranks saw different
+        batches and must drop the same channels)."""
+        import torch.distributed as dist
+
+        local = self._local
+        if dist.is_available() and dist.is_initialized():
+            local = local.to("cuda") if dist.get_backend() == "nccl" else local.clone()
+            dist.all_reduce(local)
+        self.scores += local.cpu()
+        self._local.zero_()
 
     def schedule(self, spec: GradualPrune):
         from transformers import TrainerCallback
@@ -173,9 +185,12 @@ class ChannelMasks:
 
         return CubicSchedule()
 
-    def kept(self) -> list[list[int]]:
-        return [m.nonzero().flatten().tolist() for m in self.masks]
+    def cut(self, model):
+        """The hooks off, and a smaller dense copy of `model` without the masked channels."""
+        from .structured import pruned_copy
 
-    def remove(self) -> None:
         for h in self._hooks:
             h.remove()
+        n_layers, n_kv = len(self.masks), model.config.num_key_value_heads
+        kept = [m.nonzero().flatten().tolist() for m in self.masks]
+        return pruned_copy(model, [list(range(n_kv))] * n_layers, kept, list(range(n_layers)))

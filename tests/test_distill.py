@@ -117,3 +117,18 @@ def test_data_parallel_over_two_processes_with_torchrun(teacher, tmp_path):
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
     t = report(out)["train"]
     assert t["world_size"] == 2 and t["tokens"] == 2 * 2 * 32 * 2  # each rank its own micro-batches
+
+
+def test_gradual_pruning_during_distillation_over_two_processes(teacher, tmp_path):
+    out = tmp_path / "student"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "slimserve.optimizers.distill"]
+    # Both ranks must drop the same channels: their scores are summed before every prune.
+    cli("--teacher", str(teacher), "--gradual-prune", '{"mlp_keep": 0.5, "mlp_multiple": 16, "end": 0.5}',
+        "--out", str(out), "--steps", "6", *FAST, runner=torchrun)
+    r = report(out)
+    assert r["gradual_prune"]["intermediate_size"] == [128, 64]
+    kept = [k for _, k in r["gradual_prune"]["schedule"]]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 64 and len(kept) >= 2, r["gradual_prune"]
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
+    assert r["student_parameters"] < r["teacher_parameters"]
