@@ -133,7 +133,9 @@ class ChannelMasks:
         def hook(module, args):
             x = args[0]
             if module.training:
-                self._local[i] += x.detach().float().abs().mean(dim=(0, 1)).cpu()
+                if self._local.device != x.device:  # scores stay where the activations are: no sync per layer
+                    self._local = self._local.to(x.device)
+                self._local[i] += x.detach().float().abs().mean(dim=(0, 1))
             key = (i, x.device, x.dtype)
             if key not in self._on_device:
                 self._on_device[key] = self.masks[i].to(x.device, x.dtype)
@@ -161,9 +163,9 @@ class ChannelMasks:
         batches and must drop the same channels)."""
         import torch.distributed as dist
 
-        local = self._local
+        local = self._local.clone()
         if dist.is_available() and dist.is_initialized():
-            local = local.to("cuda") if dist.get_backend() == "nccl" else local.clone()
+            local = local.to("cuda") if dist.get_backend() == "nccl" else local.cpu()
             dist.all_reduce(local)
         self.scores += local.cpu()
         self._local.zero_()

