@@ -117,9 +117,10 @@ def make_model(name: str, path: Path) -> dict:
 
 # --- servers ------------------------------------------------------------------------------
 
-def popen(cmd: list[str], logfile: Path) -> subprocess.Popen:
-    log("$ " + " ".join(cmd))
-    return subprocess.Popen(cmd, stdout=logfile.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+def popen(cmd: list[str], logfile: Path, extra_env: dict | None = None) -> subprocess.Popen:
+    log("$ " + " ".join(cmd) + (f" (env {extra_env})" if extra_env else ""))
+    return subprocess.Popen(cmd, stdout=logfile.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(extra_env or {})})
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -261,8 +262,9 @@ def slim_config() -> Path:
     return path
 
 
-def start_slimserve(tag: str) -> tuple[subprocess.Popen, float, list]:
-    proc = popen([sys.executable, "-m", "slimserve.serve.cli", "run", str(slim_config()), "--port", str(PORT)], WORK / f"{tag}.log")
+def start_slimserve(tag: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, float, list]:
+    proc = popen([sys.executable, "-m", "slimserve.serve.cli", "run", str(slim_config()), "--port", str(PORT)], WORK / f"{tag}.log",
+                 extra_env)
     timeline: list = []
     want = {f"llama8b--{n}" for n in VARIANTS}
     return proc, wait_models(proc, want, max(60, left() - 30), timeline), timeline
@@ -396,10 +398,61 @@ def phase_plain(R: dict) -> None:
         stop(proc)
 
 
+# Ray Serve's throughput-optimized mode (Ray >= 2.55): gRPC between replicas, user code on the
+# replica's main loop, no per-request log lines to stderr, GC frozen after start.
+THROUGHPUT_OPTIMIZED = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def phase_ingress_sweep(R: dict) -> None:
+    """slimserve serving one variant (bf16, nothing to build) under each --sweep setting: the
+    ingress's share of the Ray path's cost at 64 streams. A setting is `rN` (N ingress replicas),
+    prefixed `tput-` for Ray Serve's throughput-optimized mode; each is measured once per run."""
+    done = R.setdefault("ingress_sweep", {})
+    configured = dict(VARIANTS)
+    VARIANTS.clear()
+    VARIANTS["bf16"] = {}
+    try:
+        _sweep(R, done)
+    finally:
+        VARIANTS.update(configured)
+
+
+def _sweep(R: dict, done: dict) -> None:
+    for label in ARGS.sweep.split(","):
+        if label in done:
+            continue
+        if left() < NEEDS["ingress_sweep"]:
+            log(f"deadline: {label} in the next call")
+            raise TimeoutError("sweep not finished")
+        ARGS.ingress_replicas = int(label.rsplit("r", 1)[1])
+        extra_env = THROUGHPUT_OPTIMIZED if label.startswith("tput-") else None
+        proc, secs, _ = start_slimserve(f"sweep_{label}", extra_env)
+        try:
+            done[label] = {"ready_seconds": round(secs, 1), "ingress_replicas": ARGS.ingress_replicas,
+                           "env": extra_env or {}, **measure("llama8b", headers={"x-slimserve-variant": "bf16"})}
+            done[label]["ab_check"] = openai_ab_check()
+        finally:
+            stop(proc)
+        (WORK / "results.json").write_text(json.dumps(R, indent=1))
+
+
+def phase_plain_tput(R: dict) -> None:
+    """Plain Ray Serve LLM in Ray Serve's throughput-optimized mode (the reference for tput-*)."""
+    proc = popen([sys.executable, "-c", PLAIN % (PORT, COMPILATION, MAX_MODEL_LEN), str(WORK / "llama8b")], WORK / "plain_tput.log",
+                 THROUGHPUT_OPTIMIZED)
+    try:
+        R["plain_ray_serve_llm_tput"] = {"ready_seconds": round(wait_models(proc, {"m"}, max(60, left() - 20)), 1)}
+        R["plain_ray_serve_llm_tput"].update(measure("m"))
+    finally:
+        stop(proc)
+
+
 PHASES = {"models": phase_models, "bare": phase_bare, "slim_cold": phase_slim_cold,
-          "slim_restart": phase_slim_restart, "gptq": phase_gptq, "plain": phase_plain}
+          "slim_restart": phase_slim_restart, "gptq": phase_gptq, "plain": phase_plain,
+          "ingress_sweep": phase_ingress_sweep, "plain_tput": phase_plain_tput}
 # Rough seconds each needs on an H200 (the lease is short: a phase that cannot finish waits).
-NEEDS = {"models": 60, "bare": 120, "slim_cold": 400, "slim_restart": 150, "gptq": 90, "plain": 90}
+NEEDS = {"models": 60, "bare": 120, "slim_cold": 400, "slim_restart": 150, "gptq": 90, "plain": 90,
+         "ingress_sweep": 150, "plain_tput": 150}
 
 
 def ratios(R: dict) -> dict:
@@ -426,6 +479,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="the variants slimserve serves (fewer: a shorter cold start, a larger GPU share each)")
     ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--sweep", default="r1,r4,tput-r1,tput-r4", help="settings of the ingress_sweep phase")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU host (see cpu_smoke)")
     ARGS = ap.parse_args()
     WORK = Path(ARGS.work)
