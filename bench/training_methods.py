@@ -1,7 +1,7 @@
 """The training methods against the one-shot methods they would replace, one run per comparison,
 same model, same held-out text, same training budget (issue 16):
 
-  4-bit weights: `rtn` vs `gptq` vs `qat` (W4A16, the same group size);
+  4-bit weights: `rtn` vs `gptq` vs `qat` vs `qlora` (W4A16, the same group size);
   50 % of the MLP: `structured` + KD healing vs `gradual_prune` (the same steps, text and KD).
 
 Every variant is built through slimserve's pipeline (the artifact cache, the quality gate's
@@ -33,6 +33,8 @@ def variants(a: argparse.Namespace) -> dict[str, dict]:
         "rtn-w4a16": {"method": "rtn", "bits": 4},
         "gptq-w4a16": {"method": "gptq", "bits": 4, "calibration": calibration},
         "qat-w4a16": {"method": "qat", "bits": 4, "train": {**train, "lr": a.qat_lr, "alpha": 1.0, "temperature": 1.0}},
+        "qlora-w4a16": {"method": "qlora", "bits": 4, "rank": a.qlora_rank,
+                        "train": {**train, "lr": a.qlora_lr, "alpha": 1.0, "temperature": 1.0}},
         "structured-mlp50-healed": {"method": "structured", "mlp_keep": 0.5, "calibration": calibration,
                                     "heal": {**train, "lr": a.prune_lr, "alpha": 0.5, "temperature": 2.0}},
         "gradual-mlp50": {"method": "gradual_prune", "mlp_keep": 0.5,
@@ -49,15 +51,21 @@ def main() -> None:
     ap.add_argument("--text", default="pydoc", help="training / calibration text")
     ap.add_argument("--calibration-samples", type=int, default=64)
     ap.add_argument("--qat-lr", type=float, default=2e-5)
+    ap.add_argument("--qlora-lr", type=float, default=5e-4)
+    ap.add_argument("--qlora-rank", type=int, default=16)
     ap.add_argument("--prune-lr", type=float, default=3e-4)
     ap.add_argument("--held-out", default="fortunes")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--cache", default=str(slimserve_home() / "artifacts"))
     ap.add_argument("--out", default="docs/results/training_methods_cpu.json")
+    ap.add_argument("--only", help="comma-separated variant names (default: all)")
     a = ap.parse_args()
     gate = {"held_out": {"text": a.held_out, "windows": a.windows, "seq_len": 256}}
     rows = {}
+    only = set(a.only.split(",")) if a.only else None
     for name, spec in variants(a).items():
+        if only and name not in only:
+            continue
         t0 = time.monotonic()
         r = optimize(a.source, spec, a.cache, gate)
         report = r.manifest.get("report", {})
@@ -66,7 +74,8 @@ def main() -> None:
             "ppl": report.get("quality", {}).get("perplexity"), "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
             "size_vs_base": round(size_on_disk(r.path) / size_on_disk(r.base), 3),
             **{k: report[k] for k in ("parameters", "perplexity_fake_quant_before", "perplexity_fake_quant_after",
-                                      "export_matches_training", "intermediate_size") if k in report},
+                                      "export_matches_training", "intermediate_size", "perplexity_quantized_base",
+                                      "perplexity_with_adapters", "perplexity_served", "adapter_gain_kept") if k in report},
         }
         print(f"{name:26s} ppl ratio {rows[name]['ppl_ratio']}  size {rows[name]['size_vs_base']}x  "
               f"{rows[name]['seconds']} s", flush=True)

@@ -11,7 +11,7 @@ import threading
 from slimserve.optimizers.quality import QualityGateFailed
 
 from .config_file import ConfigError, ConfigFile, ServeApp, load_config_file
-from .local import RunError, Terminated
+from .local import RunError, Terminated, use_ray_serve_env
 
 DESCRIPTION = """\
 slimserve optimizes a model when it loads (quantization, pruning, distillation) and serves
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _verbose_after_any_command(parser)
     args = parser.parse_args(argv)
+    use_ray_serve_env()  # before anything imports Ray Serve (its constants are read at import)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     # SIGTERM (Kubernetes, systemd, `kill`) stops every command the way Ctrl-C does.
     main_thread = threading.current_thread() is threading.main_thread()

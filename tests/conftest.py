@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "5")
 os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "5")
 os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
+# The session cluster runs Ray Serve the way `slimserve run` and the chart do (throughput-optimized).
+from slimserve.serve.local import use_ray_serve_env  # noqa: E402
+
+use_ray_serve_env()
 
 
 def pytest_collection_modifyitems(items):
@@ -120,15 +124,36 @@ def deploy_and_wait(config: dict, name: str, timeout_s: float = 900, route_prefi
     raise TimeoutError(f"{name} not running after {timeout_s} s")
 
 
+_driver_loop: "asyncio.AbstractEventLoop | None" = None
+
+
+def slimserve_info(deployment: str, app: str, timeout_s: float = 10) -> dict:
+    """A replica's `slimserve_info`, read through Ray as an operator's script would. In Ray
+    Serve's throughput-optimized mode a handle routes on the caller's event loop (no router
+    thread of its own), so this process keeps one loop running for its handles (Serve caches
+    them and shuts them down on that loop)."""
+    global _driver_loop
+    import asyncio
+    import threading
+
+    from ray import serve
+
+    if _driver_loop is None:
+        _driver_loop = asyncio.new_event_loop()
+        threading.Thread(target=_driver_loop.run_forever, daemon=True, name="serve-handles").start()
+
+    async def read():
+        return await serve.get_deployment_handle(deployment, app_name=app).slimserve_info.remote()
+
+    return asyncio.run_coroutine_threadsafe(asyncio.wait_for(read(), timeout_s), _driver_loop).result()
+
+
 def engine_info(model_id: str, app: str = "main", timeout_s: float = 10) -> dict | None:
     """The full record a variant's engine replica keeps (checkpoint path, pid, ...), read through
     Ray as an operator would; API clients see a public subset in /v1/models. None when no replica
     answers in time."""
-    from ray import serve
-
     try:
-        handle = serve.get_deployment_handle(f"SlimServer:{model_id}", app_name=app)
-        return handle.slimserve_info.remote().result(timeout_s=timeout_s)
+        return slimserve_info(f"SlimServer:{model_id}", app, timeout_s)
     except Exception:
         return None
 

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from conftest import MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config, wait_for
+from conftest import (MAIN_APP, MAIN_CONFIG, METRICS_PORT, REPO, deploy_and_wait, engine_info, free_port, main_config,
+                      slimserve_info, wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -389,11 +390,8 @@ def engine_pids(base_url: str) -> dict[str, int]:
 
 def ingress_info(timeout_s: float = 10) -> dict | None:
     """The ingress replica's pid and weights, read through Ray (SlimserveIngress.slimserve_info)."""
-    from ray import serve
-
     try:
-        handle = serve.get_deployment_handle("SlimserveIngress", app_name=MAIN_APP)
-        return handle.slimserve_info.remote().result(timeout_s=timeout_s)
+        return slimserve_info("SlimserveIngress", MAIN_APP, timeout_s)
     except Exception:
         return None
 

@@ -13,7 +13,7 @@ import threading
 import httpx
 import pytest
 
-from conftest import MAIN_CONFIG, release_main_app, undeploy, wait_for
+from conftest import MAIN_CONFIG, release_main_app, slimserve_info, undeploy, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -40,20 +40,15 @@ def deploy_declared(config: dict) -> None:
 
 
 def replica_pids() -> dict[str, int]:
-    from ray import serve
-
     out = {}
     for name in ("SlimserveIngress", "SlimServer:smollm2--baseline", "SlimServer:smollm2--int8"):
-        out[name] = serve.get_deployment_handle(name, app_name=APP).slimserve_info.remote().result(timeout_s=30)["pid"]
+        out[name] = slimserve_info(name, APP, timeout_s=30)["pid"]
     return out
 
 
 def ingress_weights() -> dict | None:
-    from ray import serve
-
     try:
-        handle = serve.get_deployment_handle("SlimserveIngress", app_name=APP)
-        return handle.slimserve_info.remote().result(timeout_s=10)["weights"]
+        return slimserve_info("SlimserveIngress", APP)["weights"]
     except Exception:
         return None
 

@@ -185,6 +185,7 @@ def test_rayservice_pods_env_and_cache_mount(name):
         assert env["SLIMSERVE_ACCELERATOR"] == values["accelerator"]
         assert env["HF_HUB_OFFLINE"] == "1"
         assert env["SLIMSERVE_HOME"] == "/var/lib/slimserve"
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"  # the default, as in `slimserve run`
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         assert mounts["artifact-cache"] == values["slimserve"]["cache_dir"]
         assert mounts["dshm"] == "/dev/shm"
@@ -193,6 +194,14 @@ def test_rayservice_pods_env_and_cache_mount(name):
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         assert set(mounts) <= set(volumes)
     assert cluster["headGroupSpec"]["rayStartParams"]["metrics-export-port"] == "8080"
+
+
+def test_throughput_optimized_mode_can_be_turned_off():
+    values = {**values_file("cpu"), "rayServeThroughputOptimized": False}
+    cluster = one(render(values), "RayService")["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        (container,) = pod["spec"]["containers"]
+        assert {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "0"} in container["env"]
 
 
 def test_weight_change_only_changes_the_ingress_user_config():

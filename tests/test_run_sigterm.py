@@ -15,10 +15,13 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import free_port
+
+from slimserve.serve.local import RAY_SERVE_ENV
 
 pytestmark = [pytest.mark.standalone, pytest.mark.e2e]
 
@@ -63,6 +66,8 @@ class Run:
             [sys.executable, "-m", "slimserve.serve.cli", "run", str(config_path),
              "--port", str(free_port()), "--metrics-port", str(free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            # Without the test session's Ray Serve settings: `slimserve run` must set its own.
+            env={k: v for k, v in os.environ.items() if k not in RAY_SERVE_ENV},
         )
         self.sid = self.proc.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
@@ -109,6 +114,12 @@ def test_sigterm_stops_run_cleanly_and_a_killed_run_does_not_block_the_next(tmp_
         started = session_processes(first.sid)
         assert any("raylet" in cmd for cmd in started.values()), started
         assert any("DashboardAgent" in cmd for cmd in started.values()), started
+        # Serve's controller and replicas run throughput-optimized (slimserve run's default).
+        serve_actors = [pid for pid, cmd in started.items() if "ServeController" in cmd or "ServeReplica" in cmd]
+        assert serve_actors, started
+        for pid in serve_actors:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert b"RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in environ, started[pid]
         t0 = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         rc = first.proc.wait(timeout=90)

@@ -1,5 +1,5 @@
-"""The methods that train (issue 16) on SmolLM2, CPU-sized: quantization-aware training and
-gradual pruning. Each ends in a checkpoint: what it is, that training did what it promises, that
+"""The methods that train (issue 16) on SmolLM2, CPU-sized: quantization-aware training,
+quantized fine-tuning (QLoRA) and gradual pruning. Each ends in a checkpoint: what it is, that training did what it promises, that
 the quality gate judges it, and that vLLM CPU serves it."""
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ GRADUAL = {
     "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
-SPECS = {"qat": QAT, "gradual": GRADUAL}
+QLORA = {
+    "method": "qlora", "bits": 4, "rank": 8,
+    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 1e-3, "alpha": 1.0, "temperature": 1.0},
+    "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
+}
+SPECS = {"qat": QAT, "gradual": GRADUAL, "qlora": QLORA}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,30 @@ def test_gradual_pruning_follows_its_schedule_to_a_smaller_dense_model(built):
     assert report["parameters"][1] < 0.75 * report["parameters"][0]
     config = json.loads((built["gradual"].path / "config.json").read_text())
     assert (config["intermediate_size"], config["num_hidden_layers"]) == (768, 30)
+
+
+def test_qlora_trains_adapters_on_the_quantized_base_and_serves_them_merged(built):
+    qlora = built["qlora"]
+    report = qlora.manifest["report"]
+    assert report["scheme"] == "W4A16" and report["group_size"] == 64
+    assert report["linears_on_grid"] == 30 * 7  # every decoder Linear on the 4-bit grid; lm_head not
+    config = json.loads((qlora.path / "config.json").read_text())
+    # rank x (in + out) for each of the 7 adapted Linears of a layer, and nothing else trains.
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    per_layer = 2 * (h + h) + 2 * (h + kv) + 3 * (h + i)
+    assert report["adapter_parameters"] == 8 * per_layer * config["num_hidden_layers"]
+    # KD from the unquantized model: the adapters lower the quantized base's perplexity.
+    assert report["perplexity_with_adapters"] < report["perplexity_quantized_base"], report
+    assert report["perplexity_served"] is not None and report["training"]["steps_run"] == 12
+    # Served merged: a plain compressed-tensors W4A16 checkpoint, no adapter weights left in it.
+    quant = config["quantization_config"]
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (quant["quant_method"], weights["num_bits"], weights["group_size"]) == ("compressed-tensors", 4, 64)
+    from safetensors import safe_open
+
+    names = [k for f in qlora.path.glob("*.safetensors") for k in safe_open(f, "pt").keys()]
+    assert names and not [k for k in names if "lora" in k], [k for k in names if "lora" in k][:3]
 
 
 @pytest.mark.parametrize("name", list(SPECS))

@@ -10,7 +10,7 @@ from slimserve.serve.config_file import ConfigError, load_config
 
 
 def test_the_training_methods_are_in_the_registry():
-    assert {"qat", "gradual_prune"} <= set(methods())
+    assert {"qat", "gradual_prune", "qlora"} <= set(methods())
     qat = parse("qat")
     assert (qat.bits, qat.group_size, qat.train.alpha) == (4, 128, 1.0)  # KD only: no labels needed
     assert parse("gradual_prune").needs_optimizer_env is False
@@ -19,6 +19,8 @@ def test_the_training_methods_are_in_the_registry():
 @pytest.mark.parametrize("optimization, path", [
     ({"method": "qat", "bits": 3}, "optimization: bits: Input should be 4 or 8"),
     ({"method": "qat", "train": {"steps": 0}}, "optimization: train.steps: Input should be greater than or equal to 1"),
+    ({"method": "qlora", "rank": 0}, "optimization: rank: Input should be greater than or equal to 1"),
+    ({"method": "qlora", "target_modules": []}, "optimization: target_modules: Tuple should have at least 1 item"),
     ({"method": "gradual_prune", "mlp_keep": 1.0}, "optimization: mlp_keep: Input should be less than 1"),
     ({"method": "gradual_prune", "start": 0.8, "end": 0.5}, "optimization: start (0.8) must be before end (0.5)"),
 ])

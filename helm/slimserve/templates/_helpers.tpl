@@ -109,6 +109,8 @@ are not mixed, which over-counts a little at worst and never strands a group.
   value: {{ .Values.home | quote }}
 - name: HF_HUB_OFFLINE
   value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: {{ ternary "1" "0" .Values.rayServeThroughputOptimized | quote }}
 {{- if .Values.optimizerPython }}
 - name: SLIMSERVE_OPTIMIZER_PYTHON
   value: {{ .Values.optimizerPython | quote }}
