@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--text", default="pydoc", help="training / calibration text")
     ap.add_argument("--calibration-samples", type=int, default=64)
     ap.add_argument("--qat-lr", type=float, default=2e-5)
-    ap.add_argument("--qlora-lr", type=float, default=5e-4)
+    ap.add_argument("--qlora-lr", type=float, default=1e-3)
     ap.add_argument("--qlora-rank", type=int, default=16)
     ap.add_argument("--prune-lr", type=float, default=3e-4)
     ap.add_argument("--held-out", default="fortunes")
@@ -74,8 +74,7 @@ def main() -> None:
             "ppl": report.get("quality", {}).get("perplexity"), "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
             "size_vs_base": round(size_on_disk(r.path) / size_on_disk(r.base), 3),
             **{k: report[k] for k in ("parameters", "perplexity_fake_quant_before", "perplexity_fake_quant_after",
-                                      "export_matches_training", "intermediate_size", "perplexity_quantized_base",
-                                      "perplexity_with_adapters", "perplexity_served", "adapter_gain_kept") if k in report},
+                                      "export_matches_training", "intermediate_size", "adapter_parameters") if k in report},
         }
         print(f"{name:26s} ppl ratio {rows[name]['ppl_ratio']}  size {rows[name]['size_vs_base']}x  "
               f"{rows[name]['seconds']} s", flush=True)

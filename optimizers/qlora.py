@@ -1,26 +1,32 @@
-"""`qlora`: quantized fine-tuning — low-rank adapters (peft LoRA) trained on a frozen base that is
-already on the 4-bit (or 8-bit) grid, then merged and written as the same compressed-tensors
+"""`qlora`: quantized fine-tuning — low-rank adapters on a frozen base, trained through the
+quantizer the served checkpoint uses, then merged and written as the same compressed-tensors
 W4A16 / W8A16 checkpoint `rtn` writes.
 
-The base is the model's weights quantized and dequantized with the scheme the served checkpoint
-uses (symmetric, one scale per group: the quantizer of `qat`), frozen; the adapters learn to
-correct what the rounding lost, by knowledge distillation from the unquantized model
-(kd_trainer.py, alpha 1: no labels). Unlike QLoRA's NF4 the base is held dequantized during
-training (no 4-bit storage: memory as LoRA on the full model), so the adapters see exactly the
-grid vLLM will serve.
+Every decoder Linear (but `ignore`d ones) gets a LoRA pair (A: rank x in, B: out x rank, B = 0 at
+the start) as a parametrization of its weight: the forward pass computes
+fake_quant(W0 + (lora_alpha / rank) B A) with torchao's fake quantizer (the one `qat` uses:
+symmetric, one scale per group), gradients pass straight through the rounding to A and B, and W0
+stays frozen. At step 0 the model is exactly `rtn`'s; the loss is distillation from the
+unquantized model (kd_trainer.py, alpha 1: no labels). Only the adapters and their optimizer
+state train: memory as LoRA, not as full fine-tuning (`qat` keeps AdamW state for every weight).
 
-Served as merge-and-requantize, not as base + adapter: Ray Serve LLM loads adapters only from
-object stores (`dynamic_lora_loading_path` must be s3://, gs://, abfss:// or azure://), a request
-must name the adapter as `model:adapter`, and vLLM's LoRA kernels cost decode time; a merged
-checkpoint is one artifact in the cache, served by the same Marlin kernels as `gptq`/`rtn`. The
-price is that requantizing the merged weights rounds away every adapter change smaller than half
-a quantization step: the manifest reports the held-out perplexity of the base, of base +
-adapters (what base + adapter serving would give) and of the served checkpoint, so the share of
-the adapters' gain that survived is measured, not assumed.
+Why through the quantizer, and not peft's LoRA beside a quantized layer: merged back, peft's
+adapters are requantized on a grid they never saw (a changed group maximum moves every weight of
+the group), and on SmolLM2 the served checkpoint came out *worse* than the quantized base the
+adapters started from (perplexity 34.7 -> 30.7 with the adapters, 38.6 served; docs/BENCHMARKS.md).
+Here the merge is W0 + (lora_alpha / rank) B A and the export quantizes exactly what training
+fake-quantized, so what vLLM serves is what was trained (`export_matches_training`).
+
+Why merged, and not base + adapter through vLLM's LoRA support: Ray Serve LLM loads adapters only
+from object stores (`dynamic_lora_loading_path` must be s3://, gs://, abfss:// or azure://; the
+artifact cache is a local folder), a request must name `model:adapter`, and LoRA kernels cost
+decode time on every request; a merged checkpoint is one artifact served by the Marlin kernels.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -37,28 +43,29 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @register
 class QLoRA(Optimization):
-    """LoRA adapters trained on the frozen quantized base (KD), merged and requantized to W4A16 / W8A16."""
+    """Low-rank adapters trained through the 4/8-bit quantizer (KD), merged and exported as W4A16 / W8A16."""
 
     method: Literal["qlora"] = "qlora"
-    bits: Literal[4, 8] = Field(4, description="Weight bits of the base and of the served checkpoint.")
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the served checkpoint (and of the quantizer training sees).")
     group_size: int = Field(
         128, ge=16, description="Columns sharing a scale (lowered when it does not divide the model's widths, as in `rtn`)."
     )
     rank: int = Field(16, ge=1, le=512, description="LoRA rank r of every adapter.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (lora_alpha / rank) x B A.")
     target_modules: tuple[str, ...] = Field(
-        LINEARS, min_length=1, description="Names of the Linear layers that get an adapter (peft's `target_modules`)."
+        LINEARS, min_length=1, description="Names of the Linear layers that get an adapter (the others are quantized as they are)."
     )
-    ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized (never adapted).")
+    ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized (and never adapted).")
     train: DistillArgs = Field(
-        DistillArgs(steps=100, lr=2e-4, alpha=1.0, temperature=1.0),
+        DistillArgs(steps=100, lr=1e-3, alpha=1.0, temperature=1.0),
         description="The fine-tuning run: steps, text, learning rate; `alpha` 1 = KD from the unquantized model only.",
     )
     eval: HeldOut = Field(
         HeldOut(text="fortunes", windows=8, seq_len=256),
-        description="Held-out text for the manifest's perplexities: quantized base, base + adapters, served checkpoint.",
+        description="Held-out text on which the fake-quantized model's perplexity is reported before training "
+        "(= round-to-nearest) and after.",
     )
-    libraries = ("peft", "torchao", "llmcompressor", "compressed-tensors", "transformers", "torch")
+    libraries = ("torchao", "llmcompressor", "compressed-tensors", "transformers", "torch")
 
     def input_digest(self) -> str | None:
         """Content hash of the training text (it goes into the artifact's cache key)."""
@@ -67,11 +74,10 @@ class QLoRA(Optimization):
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         import torch
         from llmcompressor.modifiers.quantization import QuantizationModifier
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils.quantization_config import CompressedTensorsConfig
 
         from .kd_trainer import distill, save_student
+        from .qat import _fake_linears, export_agreement, fake_quantize, remove_fake_quantizers
         from .quality import load_for_inference, model_perplexity
         from .quantize import linear_in_features, oneshot_and_save, pick_group_size, weight_scheme
         from .structured import saved_dtype
@@ -80,66 +86,87 @@ class QLoRA(Optimization):
         tokenizer = AutoTokenizer.from_pretrained(base)
         teacher = load_for_inference(base)  # forward only: in its saved dtype
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        snapped = snap_to_grid(model, self.bits, group, self.ignore)
-        measure = self.eval.available()
-        ppl = (lambda m: round(model_perplexity(m, tokenizer, self.eval), 3)) if measure else (lambda m: None)
-        before = ppl(model)
-        model.requires_grad_(False)
-        lora = LoraConfig(r=self.rank, lora_alpha=self.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        fake_quantize(model, self.bits, group, self.ignore)
+        model.requires_grad_(False)  # W0 frozen: only the adapters added next train
+        adapted = add_adapters(model, self.target_modules, self.rank, self.lora_alpha, self.train.seed)
+        if not adapted:
+            raise ValueError(f"qlora: no quantized Linear named {list(self.target_modules)} in the model: nothing to adapt")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if trainable == 0:
-            raise ValueError(f"qlora: no Linear named {list(self.target_modules)} in the model: nothing to adapt")
+        measure = self.eval.available()
+        before = model_perplexity(model, tokenizer, self.eval) if measure else None
         work = out.parent / (out.name + ".qlora-work")
         try:
             train = distill(teacher, model, tokenizer, self.train, work / "checkpoints")
             model.cpu()
-            with_adapters = ppl(model)
-            merged = model.merge_and_unload()
-            save_student(merged, tokenizer, work / "merged", saved_dtype(base))
-            del teacher, model, merged
+            after = model_perplexity(model, tokenizer, self.eval) if measure else None
+            merge_adapters(model)
+            trained_fake = {n: m.weight_fake_quantizer(m.weight).detach().clone() for n, m in _fake_linears(model)}
+            remove_fake_quantizers(model)
+            save_student(model, tokenizer, work / "merged", saved_dtype(base))
+            del teacher, model
             recipe = QuantizationModifier(
                 config_groups={"group_0": weight_scheme(self.bits, group, True)}, ignore=list(self.ignore)
             )
             oneshot_and_save(work / "merged", out, recipe)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        served = None
-        if measure:
-            served_model = AutoModelForCausalLM.from_pretrained(
-                out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
-            served = ppl(served_model)
-            del served_model
         train.pop("history", None)
         return {
             "scheme": f"W{self.bits}A16", "group_size": group, "rank": self.rank, "lora_alpha": self.lora_alpha,
-            "adapter_parameters": trainable, "linears_on_grid": snapped,
-            "perplexity_quantized_base": before, "perplexity_with_adapters": with_adapters,
-            "perplexity_served": served, "adapter_gain_kept": kept_share(before, with_adapters, served),
-            "held_out": self.eval.model_dump(), "training": train,
+            "adapted_linears": adapted, "adapter_parameters": trainable,
+            "perplexity_fake_quant_before": before and round(before, 3),
+            "perplexity_fake_quant_after": after and round(after, 3),
+            "held_out": self.eval.model_dump(),
+            "export_matches_training": export_agreement(out, trained_fake),
+            "training": train,
         }
 
 
-def snap_to_grid(model, bits: int, group_size: int, ignore: tuple[str, ...]) -> int:
-    """Replace every Linear's weights (but `ignore`d ones) by their quantized-dequantized values:
-    torchao's fake quantizer, the one `qat` trains with (symmetric, per group). Returns how many."""
+def add_adapters(model, names: tuple[str, ...], rank: int, lora_alpha: float, seed: int) -> int:
+    """A LoRA pair on the weight of every fake-quantized Linear whose name ends in one of `names`
+    (torch parametrization: the fake quantizer then sees W0 + scale B A). Returns how many."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    from .qat import _fake_linears
+
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for fqn, layer in _fake_linears(model):
+        if fqn.rsplit(".", 1)[-1] not in names:
+            continue
+        out_features, in_features = layer.weight.shape
+        parametrize.register_parametrization(
+            layer, "weight", _low_rank_update()(out_features, in_features, rank, lora_alpha / rank, generator))
+        count += 1
+    return count
+
+
+def merge_adapters(model) -> None:
+    """Fold every adapter into its weight (W0 + scale B A) and drop the parametrizations."""
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+@functools.cache
+def _low_rank_update():
+    """The parametrization class (built on first use: this module imports torch only in `run`)."""
     import torch
 
-    from .qat import _fake_linears, fake_quantize, remove_fake_quantizers
+    class LowRankUpdate(torch.nn.Module):
+        """W -> W + scale x B A; B is zero at the start and A Kaiming-uniform (LoRA's initialisation)."""
 
-    fake_quantize(model, bits, group_size, ignore)
-    layers = _fake_linears(model)
-    with torch.no_grad():
-        for _, m in layers:
-            m.weight.copy_(m.weight_fake_quantizer(m.weight))
-    remove_fake_quantizers(model)
-    return len(layers)
+        def __init__(self, out_features: int, in_features: int, rank: int, scale: float, generator):
+            super().__init__()
+            bound = 1 / math.sqrt(in_features)  # Kaiming-uniform with a = sqrt(5), as nn.Linear and peft
+            self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
+            self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank))
+            self.scale = scale
 
+        def forward(self, weight):
+            return weight + self.scale * (self.lora_B @ self.lora_A)
 
-def kept_share(before: float | None, with_adapters: float | None, served: float | None) -> float | None:
-    """Share of the adapters' perplexity gain that the served (requantized) checkpoint keeps:
-    1 = all of it, 0 = none (served = the quantized base), None when unmeasured or no gain."""
-    if None in (before, with_adapters, served) or before - with_adapters <= 0:
-        return None
-    return round((before - served) / (before - with_adapters), 3)
+    return LowRankUpdate
