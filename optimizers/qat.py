@@ -25,12 +25,11 @@ from .quality import HeldOut
 from .registry import Optimization, register
 
 
-@register
-class QAT(Optimization):
-    """Quantization-aware training (torchao fake quantization + KD), exported as W4A16 / W8A16."""
+class TrainedQuantization(Optimization):
+    """What the methods that train through the quantizer share (`qat`, `qlora`): the served
+    scheme, the training run and the held-out text of the manifest. Not a method itself."""
 
-    method: Literal["qat"] = "qat"
-    bits: Literal[4, 8] = Field(4, description="Weight bits.")
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the served checkpoint (and of the quantizer training sees).")
     group_size: int = Field(
         128, ge=16, description="Columns sharing a scale (lowered when it does not divide the model's widths, as in `rtn`)."
     )
@@ -50,47 +49,66 @@ class QAT(Optimization):
         """Content hash of the training text (it goes into the artifact's cache key)."""
         return Calibration(text=self.train.text).digest()
 
+
+@register
+class QAT(TrainedQuantization):
+    """Quantization-aware training (torchao fake quantization + KD), exported as W4A16 / W8A16."""
+
+    method: Literal["qat"] = "qat"
+
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        import torch
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return train_through_quantizer(base, out, self.bits, self.group_size, self.ignore, self.train, self.eval)
 
-        from .kd_trainer import distill, save_student
-        from .quality import load_for_inference, model_perplexity
-        from .quantize import linear_in_features, oneshot_and_save, pick_group_size, weight_scheme
-        from .structured import saved_dtype
 
-        group = pick_group_size(linear_in_features(base), self.group_size)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        teacher = load_for_inference(base)  # forward only: in its saved dtype
-        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # trains in fp32
-        fake_quantize(student, self.bits, group, self.ignore)
-        measure = self.eval.available()
-        before = model_perplexity(student, tokenizer, self.eval) if measure else None
-        work = out.parent / (out.name + ".qat-work")
-        try:
-            train = distill(teacher, student, tokenizer, self.train, work / "checkpoints")
-            student.cpu()
-            after = model_perplexity(student, tokenizer, self.eval) if measure else None
-            trained_fake = {n: m.weight_fake_quantizer(m.weight).detach().clone() for n, m in _fake_linears(student)}
-            remove_fake_quantizers(student)
-            save_student(student, tokenizer, work / "trained", saved_dtype(base))
-            del teacher, student
-            recipe = QuantizationModifier(
-                config_groups={"group_0": weight_scheme(self.bits, group, True)}, ignore=list(self.ignore)
-            )
-            oneshot_and_save(work / "trained", out, recipe)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        train.pop("history", None)
-        return {
-            "scheme": f"W{self.bits}A16", "group_size": group,
-            "perplexity_fake_quant_before": before and round(before, 3),
-            "perplexity_fake_quant_after": after and round(after, 3),
-            "held_out": self.eval.model_dump(),
-            "export_matches_training": export_agreement(out, trained_fake),
-            "training": train,
-        }
+def train_through_quantizer(base: Path, out: Path, bits: int, group_size: int, ignore: tuple[str, ...],
+                            train_args: DistillArgs, held_out: HeldOut, adapt=None, merge=None) -> dict[str, Any]:
+    """Fake-quantize an fp32 copy of `base`, train it by KD from `base` through the quantizer,
+    and write it quantized as compressed-tensors W`bits`A16 into `out` (shared by `qat` and
+    `qlora`). `adapt(model)` changes what trains after the fake quantizers are in (qlora: frozen
+    weights plus adapters) and returns facts for the manifest; `merge(model)` folds it back before
+    the export. The manifest: perplexity through the quantizer before training (= round-to-nearest)
+    and after, and how closely the export matches what training saw."""
+    import torch
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .kd_trainer import distill, save_student
+    from .quality import load_for_inference, model_perplexity
+    from .quantize import linear_in_features, oneshot_and_save, pick_group_size, weight_scheme
+    from .structured import saved_dtype
+
+    group = pick_group_size(linear_in_features(base), group_size)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    teacher = load_for_inference(base)  # forward only: in its saved dtype
+    student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # trains in fp32
+    fake_quantize(student, bits, group, ignore)
+    facts = adapt(student) if adapt else {}
+    measure = held_out.available()
+    before = model_perplexity(student, tokenizer, held_out) if measure else None
+    work = out.parent / (out.name + ".qat-work")
+    try:
+        train = distill(teacher, student, tokenizer, train_args, work / "checkpoints")
+        student.cpu()
+        after = model_perplexity(student, tokenizer, held_out) if measure else None
+        if merge:
+            merge(student)
+        trained_fake = {n: m.weight_fake_quantizer(m.weight).detach().clone() for n, m in _fake_linears(student)}
+        remove_fake_quantizers(student)
+        save_student(student, tokenizer, work / "trained", saved_dtype(base))
+        del teacher, student
+        recipe = QuantizationModifier(config_groups={"group_0": weight_scheme(bits, group, True)}, ignore=list(ignore))
+        oneshot_and_save(work / "trained", out, recipe)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    train.pop("history", None)
+    return {
+        "scheme": f"W{bits}A16", "group_size": group, **facts,
+        "perplexity_fake_quant_before": before and round(before, 3),
+        "perplexity_fake_quant_after": after and round(after, 3),
+        "held_out": held_out.model_dump(),
+        "export_matches_training": export_agreement(out, trained_fake),
+        "training": train,
+    }
 
 
 def fake_quantize(model, bits: int, group_size: int, ignore: tuple[str, ...]) -> None:

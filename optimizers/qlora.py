@@ -27,99 +27,45 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from .calibration import Calibration
 from .kd_trainer import DistillArgs
-from .quality import HeldOut
-from .registry import Optimization, register
+from .qat import TrainedQuantization, _fake_linears, train_through_quantizer
+from .registry import register
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @register
-class QLoRA(Optimization):
+class QLoRA(TrainedQuantization):
     """Low-rank adapters trained through the 4/8-bit quantizer (KD), merged and exported as W4A16 / W8A16."""
 
     method: Literal["qlora"] = "qlora"
-    bits: Literal[4, 8] = Field(4, description="Weight bits of the served checkpoint (and of the quantizer training sees).")
-    group_size: int = Field(
-        128, ge=16, description="Columns sharing a scale (lowered when it does not divide the model's widths, as in `rtn`)."
-    )
     rank: int = Field(16, ge=1, le=512, description="LoRA rank r of every adapter.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (lora_alpha / rank) x B A.")
     target_modules: tuple[str, ...] = Field(
         LINEARS, min_length=1, description="Names of the Linear layers that get an adapter (the others are quantized as they are)."
     )
-    ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized (and never adapted).")
     train: DistillArgs = Field(
         DistillArgs(steps=100, lr=1e-3, alpha=1.0, temperature=1.0),
-        description="The fine-tuning run: steps, text, learning rate; `alpha` 1 = KD from the unquantized model only.",
+        description="The fine-tuning run: steps, text, learning rate (only the adapters train: LoRA's rates); "
+        "`alpha` 1 = KD from the unquantized model only.",
     )
-    eval: HeldOut = Field(
-        HeldOut(text="fortunes", windows=8, seq_len=256),
-        description="Held-out text on which the fake-quantized model's perplexity is reported before training "
-        "(= round-to-nearest) and after.",
-    )
-    libraries = ("torchao", "llmcompressor", "compressed-tensors", "transformers", "torch")
-
-    def input_digest(self) -> str | None:
-        """Content hash of the training text (it goes into the artifact's cache key)."""
-        return Calibration(text=self.train.text).digest()
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        import torch
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        def adapt(model) -> dict[str, Any]:
+            model.requires_grad_(False)  # W0 frozen: only the adapters added next train
+            adapted = add_adapters(model, self.target_modules, self.rank, self.lora_alpha, self.train.seed)
+            if not adapted:
+                raise ValueError(f"qlora: no quantized Linear named {list(self.target_modules)} in the model: nothing to adapt")
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            return {"rank": self.rank, "lora_alpha": self.lora_alpha, "adapted_linears": adapted, "adapter_parameters": trainable}
 
-        from .kd_trainer import distill, save_student
-        from .qat import _fake_linears, export_agreement, fake_quantize, remove_fake_quantizers
-        from .quality import load_for_inference, model_perplexity
-        from .quantize import linear_in_features, oneshot_and_save, pick_group_size, weight_scheme
-        from .structured import saved_dtype
-
-        group = pick_group_size(linear_in_features(base), self.group_size)
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        teacher = load_for_inference(base)  # forward only: in its saved dtype
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        fake_quantize(model, self.bits, group, self.ignore)
-        model.requires_grad_(False)  # W0 frozen: only the adapters added next train
-        adapted = add_adapters(model, self.target_modules, self.rank, self.lora_alpha, self.train.seed)
-        if not adapted:
-            raise ValueError(f"qlora: no quantized Linear named {list(self.target_modules)} in the model: nothing to adapt")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        measure = self.eval.available()
-        before = model_perplexity(model, tokenizer, self.eval) if measure else None
-        work = out.parent / (out.name + ".qlora-work")
-        try:
-            train = distill(teacher, model, tokenizer, self.train, work / "checkpoints")
-            model.cpu()
-            after = model_perplexity(model, tokenizer, self.eval) if measure else None
-            merge_adapters(model)
-            trained_fake = {n: m.weight_fake_quantizer(m.weight).detach().clone() for n, m in _fake_linears(model)}
-            remove_fake_quantizers(model)
-            save_student(model, tokenizer, work / "merged", saved_dtype(base))
-            del teacher, model
-            recipe = QuantizationModifier(
-                config_groups={"group_0": weight_scheme(self.bits, group, True)}, ignore=list(self.ignore)
-            )
-            oneshot_and_save(work / "merged", out, recipe)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        train.pop("history", None)
-        return {
-            "scheme": f"W{self.bits}A16", "group_size": group, "rank": self.rank, "lora_alpha": self.lora_alpha,
-            "adapted_linears": adapted, "adapter_parameters": trainable,
-            "perplexity_fake_quant_before": before and round(before, 3),
-            "perplexity_fake_quant_after": after and round(after, 3),
-            "held_out": self.eval.model_dump(),
-            "export_matches_training": export_agreement(out, trained_fake),
-            "training": train,
-        }
+        return train_through_quantizer(base, out, self.bits, self.group_size, self.ignore, self.train, self.eval,
+                                       adapt=adapt, merge=merge_adapters)
 
 
 def add_adapters(model, names: tuple[str, ...], rank: int, lora_alpha: float, seed: int) -> int:
@@ -127,8 +73,6 @@ def add_adapters(model, names: tuple[str, ...], rank: int, lora_alpha: float, se
     (torch parametrization: the fake quantizer then sees W0 + scale B A). Returns how many."""
     import torch
     from torch.nn.utils import parametrize
-
-    from .qat import _fake_linears
 
     generator = torch.Generator().manual_seed(seed)
     count = 0
