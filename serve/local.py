@@ -24,7 +24,11 @@ APP_NAME = DEFAULT_APP_NAME
 # at 64 streams from 0.66x to 0.94x of bare vLLM, and time to first token from +28 to +14 ms
 # (docs/BENCHMARKS.md, third run). Ray's processes read it when they start, so it is set before
 # Ray is; a value the operator set (e.g. 0) wins. The Helm chart sets the same in every pod.
-RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# The mode serves HTTP from the ingress replica itself (direct ingress), and a stopping ingress
+# replica then keeps serving for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) so that an
+# outside load balancer can notice: on one machine the traffic comes through Serve's own proxy,
+# which learns of the stop from the controller, so `slimserve run` stops in seconds, not 30 s.
+RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 def use_ray_serve_env() -> None:
