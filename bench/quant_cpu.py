@@ -21,6 +21,8 @@ from pathlib import Path
 from slimserve.optimizers.models import slimserve_home
 from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.report import size_on_disk
+from slimserve.serve.app import CPU_INT4_W4A8
+from slimserve.serve.config import EngineSettings
 
 VARIANTS = {
     "bf16": "none",
@@ -34,10 +36,15 @@ THROUGHPUT = textwrap.dedent("""
     import json, sys, time
     from vllm import LLM, SamplingParams
     llm = LLM(sys.argv[1], enforce_eager=True, max_model_len=1024, seed=0)
+    out = {}
+    if len(sys.argv) > 2:  # a quality gate's HeldOut: the perplexity the engine gives it, too
+        from transformers import AutoTokenizer
+        from slimserve.optimizers.quality import HeldOut, engine_perplexity
+        held_out = HeldOut.model_validate_json(sys.argv[2])
+        out["perplexity"] = round(engine_perplexity(llm, AutoTokenizer.from_pretrained(sys.argv[1]), held_out), 3)
     prompts = [f"Write a short story about a lighthouse keeper number {i}." for i in range(8)]
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=8))  # warm-up
-    out = {}
     for batch in (1, 8):
         t0 = time.perf_counter()
         res = llm.generate(prompts[:batch], params)
@@ -47,9 +54,15 @@ THROUGHPUT = textwrap.dedent("""
 """)
 
 
-def throughput(checkpoint: Path) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", THROUGHPUT, str(checkpoint)], capture_output=True, text=True, env=env)
+def throughput(checkpoint: Path, int4_activations: str | None = None, held_out: dict | None = None) -> dict:
+    """Tokens/s at batch 1 and 8 of one engine bound to core 0; 4-bit checkpoints computed with
+    `int4_activations` (`bfloat16` / `int8`; None: as slimserve configures CPU engines); with
+    `held_out` (a quality gate's HeldOut), the engine's perplexity on it as well."""
+    w4a8 = CPU_INT4_W4A8[int4_activations or EngineSettings().cpu_int4_activations]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_INT4_W4A8": w4a8}
+    args = [str(checkpoint), *([json.dumps(held_out)] if held_out else [])]
+    proc = subprocess.run([sys.executable, "-c", THROUGHPUT, *args], capture_output=True, text=True, env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not line:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}

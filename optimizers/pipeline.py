@@ -111,7 +111,7 @@ def base_digest(base: Path, memo_dir: Path) -> str:
     digest = folder_digest(base, file_sha=memoized_sha256)
     if len(memo) > known:
         memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp = memo_file.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # builds may run in threads
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, memo_file)
     return digest

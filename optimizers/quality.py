@@ -69,6 +69,17 @@ def model_perplexity(model, tokenizer, held_out: HeldOut, checkpoint: Path | Non
     return ppl
 
 
+def engine_perplexity(llm, tokenizer, held_out: HeldOut) -> float:
+    """The same perplexity as `model_perplexity`, computed by a vLLM engine (`vllm.LLM`) from its
+    prompt log-probabilities: what the served numerics give, kernels included."""
+    from vllm import SamplingParams
+
+    windows = token_windows(held_out.text, tokenizer, held_out.windows, held_out.seq_len).tolist()
+    outs = llm.generate([{"prompt_token_ids": w} for w in windows], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    losses = [-sum(o.prompt_logprobs[i][w[i]].logprob for i in range(1, len(w))) / (len(w) - 1) for w, o in zip(windows, outs)]
+    return math.exp(sum(losses) / len(losses))
+
+
 class QualityGate(BaseModel):
     """What a variant must keep of its base model's quality."""
 

@@ -82,6 +82,11 @@ def gpu_plan(cfg: SlimserveConfig, gpus: list[int]) -> tuple[dict[str, float], l
     return {who.split("#")[0]: share for who, share in shares.items()}, problems
 
 
+# vLLM CPU on AMX hosts runs W4A16 checkpoints with int8 activations unless told not to (its
+# VLLM_CPU_INT4_W4A8 defaults to 1): the served model would then not be the one the gate measured.
+CPU_INT4_W4A8 = {"bfloat16": "0", "int8": "1"}
+
+
 def llm_config_for(
     cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None, gpu_share: float = 1.0
 ) -> LLMConfig:
@@ -102,6 +107,7 @@ def llm_config_for(
     placement = None
     if accel == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{eng.cpu_kvcache_gib:g}")
+        env.setdefault("VLLM_CPU_INT4_W4A8", CPU_INT4_W4A8[eng.cpu_int4_activations])
         if dep.cpu_threads_bind != "auto":
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", dep.cpu_threads_bind)
         elif bind_cores is not None:

