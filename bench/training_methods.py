@@ -2,7 +2,8 @@
 same model, same held-out text, same training budget (issue 16):
 
   4-bit weights: `rtn` vs `gptq` vs `qat` vs `qlora` (W4A16, the same group size);
-  50 % of the MLP: `structured` + KD healing vs `gradual_prune` (the same steps, text and KD).
+  50 % of the MLP: `structured` + KD healing vs `gradual_prune` (the same steps, text and KD);
+  2:4 sparsity: one-shot Wanda vs one-shot + healing vs `gradual_sparse` (the same training).
 
 Every variant is built through slimserve's pipeline (the artifact cache, the quality gate's
 held-out perplexity), so the numbers are the ones a variant's manifest shows when served.
@@ -39,6 +40,13 @@ def variants(a: argparse.Namespace) -> dict[str, dict]:
                                     "heal": {**train, "lr": a.prune_lr, "alpha": 0.5, "temperature": 2.0}},
         "gradual-mlp50": {"method": "gradual_prune", "mlp_keep": 0.5,
                           "train": {**train, "lr": a.prune_lr, "alpha": 0.5, "temperature": 2.0}},
+        # 2:4: one-shot Wanda (no training), the same 2:4 cut after the first step and then trained
+        # (one-shot + healing at the same budget), and the cut grown on the cubic schedule.
+        "wanda-2:4": {"method": "sparse", "algorithm": "wanda", "pattern": "2:4", "calibration": calibration},
+        "oneshot-2:4-healed": {"method": "gradual_sparse", "pattern": "2:4", "end": 1 / a.steps,
+                               "train": {**train, "lr": a.prune_lr, "alpha": 0.5, "temperature": 2.0}},
+        "gradual-2:4": {"method": "gradual_sparse", "pattern": "2:4",
+                        "train": {**train, "lr": a.prune_lr, "alpha": 0.5, "temperature": 2.0}},
     }
 
 
@@ -74,14 +82,23 @@ def main() -> None:
             "ppl": report.get("quality", {}).get("perplexity"), "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
             "size_vs_base": round(size_on_disk(r.path) / size_on_disk(r.base), 3),
             **{k: report[k] for k in ("parameters", "perplexity_fake_quant_before", "perplexity_fake_quant_after",
-                                      "export_matches_training", "intermediate_size", "adapter_parameters") if k in report},
+                                      "export_matches_training", "intermediate_size", "adapter_parameters",
+                                      "weight_sparsity", "is_2_4") if k in report},
         }
         print(f"{name:26s} ppl ratio {rows[name]['ppl_ratio']}  size {rows[name]['size_vs_base']}x  "
               f"{rows[name]['seconds']} s", flush=True)
-    result = {"machine": platform.node(), "processor": platform.processor(), "date": time.strftime("%Y-%m-%d"),
-              "source": a.source, "held_out": gate["held_out"], "args": vars(a), "variants": rows}
-    Path(a.out).write_text(json.dumps(result, indent=1))
+        # Written after every variant: a run cut short (a GPU lease's limit) keeps what it measured.
+        result = {"machine": platform.node(), "processor": platform.processor(), "device": _device(),
+                  "date": time.strftime("%Y-%m-%d"), "source": a.source, "held_out": gate["held_out"],
+                  "args": vars(a), "variants": rows}
+        Path(a.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {a.out}")
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

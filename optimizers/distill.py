@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .gradual_prune import ChannelMasks, GradualPrune
+from .gradual_sparse import GradualSparse, WeightMasks
 from .kd_trainer import DistillArgs, agreement, distill, save_student
 from .models import resolve_source
 from .quality import HeldOut, model_perplexity
@@ -29,6 +30,12 @@ def add_arguments(p) -> None:
     g.add_argument("--student-config", metavar="JSON", help='teacher config overrides, randomly initialised, e.g. \'{"num_hidden_layers": 6}\'')
     g.add_argument("--gradual-prune", metavar="JSON", help='start from the teacher itself and prune its MLP channels over the '
                    'training on a cubic schedule (the `gradual_prune` method), e.g. \'{"mlp_keep": 0.5, "end": 0.7}\'')
+    g.add_argument("--gradual-sparse", metavar="JSON", help="start from the teacher itself and zero its weights over the "
+                   "training in a 2:4 (or unstructured) pattern (the `gradual_sparse` method), e.g. '{\"pattern\": \"2:4\"}'")
+    g.add_argument("--qat", metavar="JSON", help="train the teacher itself through a fake quantizer, KD from its unquantized "
+                   "self, and write the W4A16 (or W8A16) checkpoint vLLM serves (the `qat` method), e.g. '{\"bits\": 4}'")
+    g.add_argument("--qlora", metavar="JSON", help="the same with low-rank adapters on the frozen weights, merged before the "
+                   "export (the `qlora` method), e.g. '{\"rank\": 16}'")
     p.add_argument("--out", required=True, help="folder for the trained student (checkpoints in OUT/checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
     p.add_argument("--eval-text", help="held-out text: perplexity of teacher and student before/after, and agreement")
@@ -44,6 +51,8 @@ def add_arguments(p) -> None:
 
 
 def run_cli(a) -> int:
+    if a.qat or a.qlora:
+        return train_quantized(a)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,12 +63,17 @@ def run_cli(a) -> int:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     # The teacher only runs forward: in the dtype it was saved in (the student trains in fp32).
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype="auto")
-    masks = callbacks = None
+    masks = callbacks = weights = None
     if a.gradual_prune:  # the student is the teacher, losing MLP channels as it trains
         spec = GradualPrune.model_validate({**json.loads(a.gradual_prune), "method": "gradual_prune", "train": args.model_dump()})
         student = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
         masks = ChannelMasks(student)
         callbacks = [masks.schedule(spec)]
+    elif a.gradual_sparse:  # the student is the teacher, losing weights as it trains
+        spec = GradualSparse.model_validate({**json.loads(a.gradual_sparse), "method": "gradual_sparse", "train": args.model_dump()})
+        student = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+        weights = WeightMasks(student, spec.pattern)
+        callbacks = [weights.schedule(spec)]
     elif a.student:
         student = AutoModelForCausalLM.from_pretrained(a.student, dtype=torch.float32)
     else:  # a pruned student is written once, by rank 0, into OUT/student-init
@@ -78,6 +92,12 @@ def run_cli(a) -> int:
         student = masks.cut(student.cpu())
         report["gradual_prune"] = {"schedule": masks.history, "intermediate_size": [masks.width, spec.final_width(masks.width)]}
         report["student_parameters"] = sum(p.numel() for p in student.parameters())
+    if a.gradual_sparse:  # every rank: the last prune syncs statistics under torchrun
+        weights.prune_to(spec.sparsity)
+        weights.remove_hooks()
+        zero = sum(int(z.sum()) for z in weights.zeroed.values())
+        report["gradual_sparse"] = {"schedule": weights.history, "pattern": spec.pattern,
+                                    "weight_sparsity": round(zero / sum(z.numel() for z in weights.zeroed.values()), 4)}
     if rank0:
         if held:
             dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,6 +108,34 @@ def run_cli(a) -> int:
         save_student(student, tokenizer, out)
         (out / "distill-report.json").write_text(json.dumps(report, indent=1))
         print(json.dumps({k: v for k, v in report.items() if k != "train"} | {"train": {k: v for k, v in report["train"].items() if k != "history"}}, indent=1))
+    return 0
+
+
+def train_quantized(a) -> int:
+    """--qat / --qlora: the registry's method run on the teacher, writing the quantized checkpoint
+    into OUT (what a variant with that `optimization:` would serve, without the artifact cache).
+    Its training settings: the method's defaults, then the JSON's `train`, then the flags given
+    on the command line (those that differ from the flags' defaults)."""
+    from .registry import parse
+
+    if a.resume:
+        raise SystemExit("--resume: not with --qat / --qlora (they train in one run)")
+    method, raw = ("qat", a.qat) if a.qat else ("qlora", a.qlora)
+    options = json.loads(raw)
+    method_train = parse({"method": method}).train.model_dump()
+    given = {k: getattr(a, k) for k, f in DistillArgs.model_fields.items() if getattr(a, k) != f.default}
+    options["train"] = {**method_train, **options.get("train", {}), **given}
+    if a.eval_text:
+        options["eval"] = {**options.get("eval", {}), "text": a.eval_text}
+    spec = parse({**options, "method": method})
+    teacher = resolve_source(a.teacher)
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out}: not empty (the checkpoint is written there)")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"teacher": str(teacher), "method": method, "spec": spec.model_dump(mode="json"), "report": spec.run(teacher, out)}
+    (out / "distill-report.json").write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps(report, indent=1, default=str))
     return 0
 
 

@@ -28,17 +28,14 @@ from .quality import HeldOut
 from .registry import Optimization, register
 
 
-@register
-class GradualPrune(Optimization):
-    """MLP channels pruned over training on a cubic schedule, with KD from the unpruned model."""
+class GradualSchedule(Optimization):
+    """What the methods that prune over training share (`gradual_prune`, `gradual_sparse`): when
+    pruning happens within the training run, the run itself and the held-out text. Not a method."""
 
-    method: Literal["gradual_prune"] = "gradual_prune"
-    mlp_keep: float = Field(0.5, gt=0, lt=1, description="Fraction of MLP channels kept at the end.")
-    mlp_multiple: int = Field(32, ge=1, description="Round the kept MLP width to a multiple of this.")
     start: float = Field(0.0, ge=0, lt=1, description="Fraction of training steps before pruning begins.")
     end: float = Field(
-        0.7, gt=0, le=1, description="Fraction of training steps by which the final width is reached; the steps after "
-        "it train the final shape."
+        0.7, gt=0, le=1, description="Fraction of training steps by which pruning reaches its final amount; the steps "
+        "after it train the final shape."
     )
     every: int = Field(1, ge=1, description="Optimizer steps between two pruning steps.")
     train: DistillArgs = Field(
@@ -52,7 +49,7 @@ class GradualPrune(Optimization):
     needs_optimizer_env = False  # torch + transformers only: runs in the serving environment
 
     @model_validator(mode="after")
-    def _start_before_end(self) -> "GradualPrune":
+    def _start_before_end(self) -> "GradualSchedule":
         if self.start >= self.end:
             raise ValueError(f"start ({self.start}) must be before end ({self.end})")
         return self
@@ -61,6 +58,25 @@ class GradualPrune(Optimization):
         """Content hash of the training text (it goes into the artifact's cache key)."""
         return Calibration(text=self.train.text).digest()
 
+    def progress(self, step: int) -> float:
+        """p of the cubic schedule after optimizer step `step` (1-based): 0 until `start`, 1 from `end`."""
+        s0, s1 = self.start * self.train.steps, self.end * self.train.steps
+        return min(1.0, max(0.0, (step - s0) / max(s1 - s0, 1e-9)))
+
+    def prunes_at(self, step: int) -> bool:
+        """Whether a pruning step follows optimizer step `step`."""
+        s0 = self.start * self.train.steps
+        return step >= s0 and (round(step - s0) % self.every == 0 or step >= self.end * self.train.steps)
+
+
+@register
+class GradualPrune(GradualSchedule):
+    """MLP channels pruned over training on a cubic schedule, with KD from the unpruned model."""
+
+    method: Literal["gradual_prune"] = "gradual_prune"
+    mlp_keep: float = Field(0.5, gt=0, lt=1, description="Fraction of MLP channels kept at the end.")
+    mlp_multiple: int = Field(32, ge=1, description="Round the kept MLP width to a multiple of this.")
+
     def final_width(self, intermediate_size: int) -> int:
         m = self.mlp_multiple
         return min(intermediate_size, max(m, round(intermediate_size * self.mlp_keep / m) * m))
@@ -68,9 +84,7 @@ class GradualPrune(Optimization):
     def kept_at(self, step: int, intermediate_size: int) -> int:
         """MLP channels kept after optimizer step `step` (1-based) under the cubic schedule."""
         final = self.final_width(intermediate_size)
-        s0, s1 = self.start * self.train.steps, self.end * self.train.steps
-        p = min(1.0, max(0.0, (step - s0) / max(s1 - s0, 1e-9)))
-        return final + math.ceil((intermediate_size - final) * (1 - p) ** 3)
+        return final + math.ceil((intermediate_size - final) * (1 - self.progress(step)) ** 3)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         import torch
@@ -178,8 +192,7 @@ class ChannelMasks:
         class CubicSchedule(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
                 step = state.global_step
-                s0 = spec.start * spec.train.steps
-                if step >= s0 and (round(step - s0) % spec.every == 0 or step >= spec.end * spec.train.steps):
+                if spec.prunes_at(step):
                     kept = spec.kept_at(step, masks.width)
                     if not masks.history or masks.history[-1][1] != kept:
                         masks.prune_to(kept)

@@ -43,17 +43,10 @@ class SparsePrune(Optimization):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        if v != "unstructured":
-            n, _, m = v.partition(":")
-            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
-                raise ValueError(f"pattern must be `unstructured` or `N:M` with 0 < N < M, not {v!r}")
-        return v
+        return check_pattern(v)
 
     def model_post_init(self, _ctx: Any) -> None:
-        if self.pattern != "unstructured":
-            n, m = map(int, self.pattern.split(":"))
-            if abs(self.sparsity - n / m) > 1e-6:
-                raise ValueError(f"pattern {self.pattern} zeroes {n}/{m} of the weights: set sparsity {n / m:g}, not {self.sparsity:g}")
+        check_pattern_sparsity(self.pattern, self.sparsity)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         if self.algorithm == "magnitude":
@@ -92,6 +85,23 @@ class SparsePrune(Optimization):
                     groups.scatter_(-1, drop, 0)
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
+def check_pattern(pattern: str) -> str:
+    """`unstructured` or `N:M` with 0 < N < M (shared by `sparse` and `gradual_sparse`)."""
+    if pattern != "unstructured":
+        n, _, m = pattern.partition(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise ValueError(f"pattern must be `unstructured` or `N:M` with 0 < N < M, not {pattern!r}")
+    return pattern
+
+
+def check_pattern_sparsity(pattern: str, sparsity: float) -> None:
+    """An N:M pattern fixes the zero share at N/M."""
+    if pattern != "unstructured":
+        n, m = map(int, pattern.split(":"))
+        if abs(sparsity - n / m) > 1e-6:
+            raise ValueError(f"pattern {pattern} zeroes {n}/{m} of the weights: set sparsity {n / m:g}, not {sparsity:g}")
 
 
 def measure_sparsity(checkpoint: Path) -> dict[str, Any]:

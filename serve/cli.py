@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 
@@ -165,6 +166,22 @@ def _cache(args) -> int:
     return max(cache_command(args.cache_command, root, cap if max_gib is None else max_gib) for root, cap in caches)
 
 
+def _distill(args) -> int:
+    import importlib.util
+
+    from slimserve.optimizers.distill import run_cli
+
+    if (args.qat or args.qlora) and importlib.util.find_spec("torchao") is None:
+        # QAT and QLoRA need torchao and llm-compressor, which live in the optimizer environment
+        # (requirements/optimizer.txt says why two): the same command runs on there.
+        from slimserve.optimizers.pipeline import optimizer_python
+
+        argv = args.argv[args.argv.index("distill") + 1:]
+        argv = [x for x in argv if x not in ("-v", "--verbose")]  # slimserve's own flag
+        return subprocess.call([optimizer_python(), "-m", "slimserve.optimizers.distill", *argv])
+    return run_cli(args)
+
+
 def _ab_report(args) -> int:
     import json
 
@@ -248,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     add_rollout_parser(sub)
 
     p = sub.add_parser("distill", help="teacher -> student knowledge distillation on text (torchrun for several GPUs)")
-    from slimserve.optimizers.distill import add_arguments, run_cli
+    from slimserve.optimizers.distill import add_arguments
 
     add_arguments(p)
-    p.set_defaults(func=run_cli)
+    p.set_defaults(func=_distill)
 
     _verbose_after_any_command(parser)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     use_ray_serve_env()  # before anything imports Ray Serve (its constants are read at import)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     # SIGTERM (Kubernetes, systemd, `kill`) stops every command the way Ctrl-C does.

@@ -19,6 +19,9 @@ from slimserve.optimizers.models import resolve_source
 # The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
 pytestmark = pytest.mark.heavy
 
+# `slimserve distill` as two data-parallel processes (gloo on CPU).
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "slimserve.optimizers.distill")
 FAST = ["--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--text", "fortunes"]
 
 
@@ -109,11 +112,9 @@ def test_student_from_a_checkpoint_trained_alone(teacher, tmp_path):
 
 def test_data_parallel_over_two_processes_with_torchrun(teacher, tmp_path):
     out = tmp_path / "student"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "slimserve.optimizers.distill"]
     # A pruned student: rank 0 prunes, the other rank waits for the finished folder.
     prune = '{"mlp_keep": 0.5, "mlp_multiple": 16, "calibration": {"samples": 4, "seq_len": 32}}'
-    cli("--teacher", str(teacher), "--student-prune", prune, "--out", str(out), "--steps", "2", *FAST, runner=torchrun)
+    cli("--teacher", str(teacher), "--student-prune", prune, "--out", str(out), "--steps", "2", *FAST, runner=TORCHRUN)
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
     t = report(out)["train"]
     assert t["world_size"] == 2 and t["tokens"] == 2 * 2 * 32 * 2  # each rank its own micro-batches
@@ -121,14 +122,50 @@ def test_data_parallel_over_two_processes_with_torchrun(teacher, tmp_path):
 
 def test_gradual_pruning_during_distillation_over_two_processes(teacher, tmp_path):
     out = tmp_path / "student"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "slimserve.optimizers.distill"]
     # Both ranks must drop the same channels: their scores are summed before every prune.
     cli("--teacher", str(teacher), "--gradual-prune", '{"mlp_keep": 0.5, "mlp_multiple": 16, "end": 0.5}',
-        "--out", str(out), "--steps", "6", *FAST, runner=torchrun)
+        "--out", str(out), "--steps", "6", *FAST, runner=TORCHRUN)
     r = report(out)
     assert r["gradual_prune"]["intermediate_size"] == [128, 64]
     kept = [k for _, k in r["gradual_prune"]["schedule"]]
     assert kept == sorted(kept, reverse=True) and kept[-1] == 64 and len(kept) >= 2, r["gradual_prune"]
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
     assert r["student_parameters"] < r["teacher_parameters"]
+
+
+def test_gradual_2_4_sparsity_during_distillation_over_two_processes(teacher, tmp_path):
+    out = tmp_path / "student"
+    # Both ranks must zero the same weights: their input statistics are summed before every prune.
+    cli("--teacher", str(teacher), "--gradual-sparse", '{"pattern": "2:4", "end": 0.5}',
+        "--out", str(out), "--steps", "6", *FAST, runner=TORCHRUN)
+    r = report(out)["gradual_sparse"]
+    shares = [share for _, share in r["schedule"]]
+    assert shares == sorted(shares) and shares[-1] == 0.5 and len(shares) >= 2, r
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as st:
+        w = st.get_tensor("model.layers.1.mlp.down_proj.weight")
+    assert ((w.view(-1, 4) == 0).sum(-1) == 2).all()  # saved as trained: exactly 2:4
+
+
+@pytest.mark.parametrize("method", ["qat", "qlora"])
+def test_distill_trains_through_the_quantizer_in_the_optimizer_environment(teacher, tmp_path, method):
+    import importlib.util
+
+    # The serving environment has neither torchao nor llm-compressor: the command hands itself to
+    # the optimizer environment's Python (SLIMSERVE_OPTIMIZER_PYTHON / .venv-opt).
+    assert importlib.util.find_spec("torchao") is None
+    out = tmp_path / method
+    options = {"bits": 4, "eval": {"text": "fortunes", "windows": 2, "seq_len": 32}, **({"rank": 4} if method == "qlora" else {})}
+    cli("distill", "--teacher", str(teacher), f"--{method}", json.dumps(options), "--steps", "3", *FAST, "--out", str(out))
+    rep = report(out)
+    # The method's own defaults, with what the command line set on top.
+    assert rep["method"] == method and rep["spec"]["train"]["steps"] == 3 and rep["spec"]["train"]["lr"] == 1e-3
+    assert rep["spec"]["train"]["alpha"] == 1.0  # the method's default (KD only), not the distill flag's 0.5
+    assert rep["report"]["training"]["steps_run"] == 3
+    assert rep["report"]["export_matches_training"]["equal_share"] > 0.95, rep["report"]["export_matches_training"]
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (quant["quant_method"], weights["num_bits"]) == ("compressed-tensors", 4)
+    if method == "qlora":
+        assert rep["report"]["adapted_linears"] == 2 * 7

