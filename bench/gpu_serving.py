@@ -76,7 +76,7 @@ def cpu_smoke() -> None:
     for name in ("w4a16", "fp8"):
         VARIANTS.pop(name, None)
     LOAD.update(b1=1, b32=2, c1=3, c16=4, c64=4, c64_tokens=8)
-    for name in ("llama8b", "llama1b"):
+    for name in ARGS.models.split(","):
         if not (WORK / name).exists():
             (WORK / name).symlink_to(resolve_source("default"))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -222,7 +222,7 @@ def env() -> dict:
 
 
 def phase_models(R: dict) -> None:
-    for name in ("llama8b", "llama1b"):
+    for name in ARGS.models.split(","):
         path = WORK / name
         if not (path / "config.json").exists():
             R.setdefault("models", {})[name] = make_model(name, path)
@@ -254,7 +254,8 @@ def slim_config() -> Path:
         "models": [{
             "name": "llama8b", "source": str(WORK / "llama8b"),
             # No gpu_share: the engines split the GPU evenly (four: 0.25 each, memory 0.225 each).
-            "engine": {"max_model_len": MAX_MODEL_LEN, "extra": {"compilation_config": COMPILATION} if COMPILATION else {}},
+            "engine": {"max_model_len": MAX_MODEL_LEN, "tensor_parallel_size": ARGS.tp,
+                       "extra": {"compilation_config": COMPILATION} if COMPILATION else {}},
             "variants": [{"name": n, "weight": 1, "quality": {"measure": False}, **v} for n, v in VARIANTS.items()],
         }],
     }
@@ -447,12 +448,56 @@ def phase_plain_tput(R: dict) -> None:
         stop(proc)
 
 
+def phase_tp(R: dict) -> None:
+    """Tensor parallelism (a host with 2 GPUs): the bf16 8B served by bare vLLM and by slimserve
+    (one variant, `engine.tensor_parallel_size`) at each --tp-settings entry, `bare-tpN` or
+    `slim-tpN`, in one run; each setting is measured once per run."""
+    done = R.setdefault("tp", {})
+    configured = dict(VARIANTS)
+    VARIANTS.clear()
+    VARIANTS["bf16"] = {}
+    try:
+        for label in ARGS.tp_settings.split(","):
+            if label in done:
+                continue
+            if left() < NEEDS["tp"]:
+                log(f"deadline: {label} in the next call")
+                raise TimeoutError("tp settings not finished")
+            server, tp = label.split("-tp")
+            ARGS.tp = int(tp)
+            if server == "bare":
+                cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WORK / "llama8b"),
+                       "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(PORT),
+                       "--max-model-len", str(MAX_MODEL_LEN), "--load-format", "safetensors",
+                       "--tensor-parallel-size", tp]
+                cmd += ["--compilation-config", json.dumps(COMPILATION)] if COMPILATION else ["--enforce-eager"]
+                proc = popen(cmd, WORK / f"tp_{label}.log")
+                try:
+                    done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
+                finally:
+                    stop(proc)
+            else:
+                proc, secs, _ = start_slimserve(f"tp_{label}")
+                try:
+                    facts = variant_facts().get("bf16", {})
+                    done[label] = {"ready_seconds": round(secs, 1), "kv_cache_tokens": facts.get("kv_cache_tokens"),
+                                   **measure("llama8b", headers={"x-slimserve-variant": "bf16"}),
+                                   "ab_check": openai_ab_check()}
+                finally:
+                    stop(proc)
+            done[label]["gpus"] = int(tp)
+            (WORK / "results.json").write_text(json.dumps(R, indent=1))
+    finally:
+        VARIANTS.update(configured)
+        ARGS.tp = 1
+
+
 PHASES = {"models": phase_models, "bare": phase_bare, "slim_cold": phase_slim_cold,
           "slim_restart": phase_slim_restart, "gptq": phase_gptq, "plain": phase_plain,
-          "ingress_sweep": phase_ingress_sweep, "plain_tput": phase_plain_tput}
+          "ingress_sweep": phase_ingress_sweep, "plain_tput": phase_plain_tput, "tp": phase_tp}
 # Rough seconds each needs on an H200 (the lease is short: a phase that cannot finish waits).
 NEEDS = {"models": 60, "bare": 120, "slim_cold": 400, "slim_restart": 150, "gptq": 90, "plain": 90,
-         "ingress_sweep": 150, "plain_tput": 150}
+         "ingress_sweep": 150, "plain_tput": 150, "tp": 150}
 
 
 def ratios(R: dict) -> dict:
@@ -479,7 +524,10 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="the variants slimserve serves (fewer: a shorter cold start, a larger GPU share each)")
     ap.add_argument("--ingress-replicas", type=int, default=1)
+    ap.add_argument("--models", default="llama8b,llama1b", help="what the models phase makes (llama1b: for gptq only)")
     ap.add_argument("--sweep", default="r1,r4,tput-r1,tput-r4", help="settings of the ingress_sweep phase")
+    ap.add_argument("--tp", type=int, default=1, help="slimserve's engine.tensor_parallel_size (phases other than tp)")
+    ap.add_argument("--tp-settings", default="bare-tp1,bare-tp2,slim-tp2,slim-tp1", help="settings of the tp phase")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU host (see cpu_smoke)")
     ARGS = ap.parse_args()
     WORK = Path(ARGS.work)
