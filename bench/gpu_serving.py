@@ -255,7 +255,8 @@ def slim_config() -> Path:
             "name": "llama8b", "source": str(WORK / "llama8b"),
             # No gpu_share: the engines split the GPU evenly (four: 0.25 each, memory 0.225 each).
             "engine": {"max_model_len": MAX_MODEL_LEN, "tensor_parallel_size": ARGS.tp,
-                       "extra": {"compilation_config": COMPILATION} if COMPILATION else {}},
+                       "extra": {**({"compilation_config": COMPILATION} if COMPILATION else {}), **ENGINE_EXTRA}},
+            **({"deployment": {"env": ENGINE_ENV}} if ENGINE_ENV else {}),
             "variants": [{"name": n, "weight": 1, "quality": {"measure": False}, **v} for n, v in VARIANTS.items()],
         }],
     }
@@ -380,7 +381,8 @@ ray.init(include_dashboard=False, log_to_driver=False)
 serve.start(http_options={"host": "127.0.0.1", "port": %d})
 compilation = %r
 cfg = LLMConfig(model_loading_config={"model_id": "m", "model_source": sys.argv[1]},
-                engine_kwargs={"max_model_len": %d, **({"compilation_config": compilation} if compilation else {"enforce_eager": True})},
+                engine_kwargs={"max_model_len": %d, "tensor_parallel_size": int(sys.argv[2]) if len(sys.argv) > 2 else 1,
+                               **({"compilation_config": compilation} if compilation else {"enforce_eager": True})},
                 deployment_config={"ray_actor_options": {"num_cpus": 0}},
                 **({} if compilation else {"placement_group_config": {"bundles": [{"CPU": 1}]}}))
 serve.run(build_openai_app({"llm_configs": [cfg]}), name="plain", route_prefix="/", blocking=False)
@@ -448,10 +450,25 @@ def phase_plain_tput(R: dict) -> None:
         stop(proc)
 
 
+# Options of a tp setting (`slim-tp2+overlap+shm`): what they change in vLLM's Ray executor (the one
+# Ray Serve LLM uses on GPUs) or in the engine. `ray` runs bare vLLM with that executor, so the
+# executor's cost can be told from slimserve's and Ray Serve's.
+TP_OPTIONS = {
+    "ray": {"bare_args": ["--distributed-executor-backend", "ray"]},
+    "overlap": {"env": {"VLLM_USE_RAY_COMPILED_DAG_OVERLAP_COMM": "1"}},
+    "shm": {"env": {"VLLM_USE_RAY_COMPILED_DAG_CHANNEL_TYPE": "shm"}},
+    "nccl": {"env": {"VLLM_USE_RAY_COMPILED_DAG_CHANNEL_TYPE": "nccl"}},
+    "async": {"bare_args": ["--async-scheduling"], "extra": {"async_scheduling": True}},
+}
+ENGINE_ENV: dict[str, str] = {}  # slimserve's deployment.env for the current setting
+ENGINE_EXTRA: dict = {}  # and engine.extra
+
+
 def phase_tp(R: dict) -> None:
     """Tensor parallelism (a host with 2 GPUs): the bf16 8B served by bare vLLM and by slimserve
-    (one variant, `engine.tensor_parallel_size`) at each --tp-settings entry, `bare-tpN` or
-    `slim-tpN`, in one run; each setting is measured once per run."""
+    (one variant, `engine.tensor_parallel_size`) at each --tp-settings entry, `bare-tpN`, `slim-tpN`
+    or `plain-tpN` (Ray Serve LLM's own app), with any TP_OPTIONS after `+`, in one run; each setting is measured once per run.
+    A setting that fails to start is recorded with its error and the next one runs."""
     done = R.setdefault("tp", {})
     configured = dict(VARIANTS)
     VARIANTS.clear()
@@ -463,32 +480,54 @@ def phase_tp(R: dict) -> None:
             if left() < NEEDS["tp"]:
                 log(f"deadline: {label} in the next call")
                 raise TimeoutError("tp settings not finished")
-            server, tp = label.split("-tp")
+            base, *options = label.split("+")
+            server, tp = base.split("-tp")
             ARGS.tp = int(tp)
-            if server == "bare":
-                cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WORK / "llama8b"),
-                       "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(PORT),
-                       "--max-model-len", str(MAX_MODEL_LEN), "--load-format", "safetensors",
-                       "--tensor-parallel-size", tp]
-                cmd += ["--compilation-config", json.dumps(COMPILATION)] if COMPILATION else ["--enforce-eager"]
-                proc = popen(cmd, WORK / f"tp_{label}.log")
-                try:
-                    done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
-                finally:
-                    stop(proc)
-            else:
-                proc, secs, _ = start_slimserve(f"tp_{label}")
-                try:
-                    facts = variant_facts().get("bf16", {})
-                    done[label] = {"ready_seconds": round(secs, 1), "kv_cache_tokens": facts.get("kv_cache_tokens"),
-                                   **measure("llama8b", headers={"x-slimserve-variant": "bf16"}),
-                                   "ab_check": openai_ab_check()}
-                finally:
-                    stop(proc)
-            done[label]["gpus"] = int(tp)
+            opts = [TP_OPTIONS[o] for o in options]
+            env_vars = {k: v for o in opts for k, v in o.get("env", {}).items()}
+            ENGINE_ENV.clear()
+            ENGINE_ENV.update(env_vars)
+            ENGINE_EXTRA.clear()
+            ENGINE_EXTRA.update({k: v for o in opts for k, v in o.get("extra", {}).items()})
+            try:
+                if server == "bare":
+                    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(WORK / "llama8b"),
+                           "--served-model-name", "m", "--host", "127.0.0.1", "--port", str(PORT),
+                           "--max-model-len", str(MAX_MODEL_LEN), "--load-format", "safetensors",
+                           "--tensor-parallel-size", tp, *[a for o in opts for a in o.get("bare_args", [])]]
+                    cmd += ["--compilation-config", json.dumps(COMPILATION)] if COMPILATION else ["--enforce-eager"]
+                    proc = popen(cmd, WORK / f"tp_{label}.log", env_vars)
+                    try:
+                        done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
+                    finally:
+                        stop(proc)
+                elif server == "plain":  # Ray Serve LLM's own app, throughput-optimized mode like slimserve's
+                    proc = popen([sys.executable, "-c", PLAIN % (PORT, COMPILATION, MAX_MODEL_LEN), str(WORK / "llama8b"), tp],
+                                 WORK / f"tp_{label}.log", {**THROUGHPUT_OPTIMIZED, **env_vars})
+                    try:
+                        done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
+                    finally:
+                        stop(proc)
+                else:
+                    proc, secs, _ = start_slimserve(f"tp_{label}")
+                    try:
+                        facts = variant_facts().get("bf16", {})
+                        done[label] = {"ready_seconds": round(secs, 1), "kv_cache_tokens": facts.get("kv_cache_tokens"),
+                                       **measure("llama8b", headers={"x-slimserve-variant": "bf16"}),
+                                       "ab_check": openai_ab_check()}
+                    finally:
+                        stop(proc)
+            except (RuntimeError, TimeoutError, httpx.HTTPError) as e:
+                if left() < 30:
+                    raise  # the call's deadline, not the setting: it runs again in the next call
+                log(f"{label} failed: {e!r}")
+                done[label] = {"error": repr(e)}
+            done[label].update(gpus=int(tp), options=options)
             (WORK / "results.json").write_text(json.dumps(R, indent=1))
     finally:
         VARIANTS.update(configured)
+        ENGINE_ENV.clear()
+        ENGINE_EXTRA.clear()
         ARGS.tp = 1
 
 
