@@ -420,13 +420,20 @@ def phase_ingress_sweep(R: dict) -> None:
         VARIANTS.update(configured)
 
 
-def _sweep(R: dict, done: dict) -> None:
-    for label in ARGS.sweep.split(","):
+def pending(labels: str, done: dict, phase: str):
+    """The settings of a phase not measured yet, in order; ends the call (TimeoutError) when the
+    next one could not finish before the deadline."""
+    for label in labels.split(","):
         if label in done:
             continue
-        if left() < NEEDS["ingress_sweep"]:
+        if left() < NEEDS[phase]:
             log(f"deadline: {label} in the next call")
-            raise TimeoutError("sweep not finished")
+            raise TimeoutError(f"{phase} not finished")
+        yield label
+
+
+def _sweep(R: dict, done: dict) -> None:
+    for label in pending(ARGS.sweep, done, "ingress_sweep"):
         ARGS.ingress_replicas = int(label.rsplit("r", 1)[1])
         extra_env = THROUGHPUT_OPTIMIZED if label.startswith("tput-") else None
         proc, secs, _ = start_slimserve(f"sweep_{label}", extra_env)
@@ -446,6 +453,15 @@ def phase_plain_tput(R: dict) -> None:
     try:
         R["plain_ray_serve_llm_tput"] = {"ready_seconds": round(wait_models(proc, {"m"}, max(60, left() - 20)), 1)}
         R["plain_ray_serve_llm_tput"].update(measure("m"))
+    finally:
+        stop(proc)
+
+
+def serve_and_measure(cmd: list[str], logfile: Path, extra_env: dict | None = None) -> dict:
+    """Start a server that serves the model as `m`, measure it, stop it."""
+    proc = popen(cmd, logfile, extra_env)
+    try:
+        return {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
     finally:
         stop(proc)
 
@@ -474,12 +490,7 @@ def phase_tp(R: dict) -> None:
     VARIANTS.clear()
     VARIANTS["bf16"] = {}
     try:
-        for label in ARGS.tp_settings.split(","):
-            if label in done:
-                continue
-            if left() < NEEDS["tp"]:
-                log(f"deadline: {label} in the next call")
-                raise TimeoutError("tp settings not finished")
+        for label in pending(ARGS.tp_settings, done, "tp"):
             base, *options = label.split("+")
             server, tp = base.split("-tp")
             ARGS.tp = int(tp)
@@ -496,18 +507,10 @@ def phase_tp(R: dict) -> None:
                            "--max-model-len", str(MAX_MODEL_LEN), "--load-format", "safetensors",
                            "--tensor-parallel-size", tp, *[a for o in opts for a in o.get("bare_args", [])]]
                     cmd += ["--compilation-config", json.dumps(COMPILATION)] if COMPILATION else ["--enforce-eager"]
-                    proc = popen(cmd, WORK / f"tp_{label}.log", env_vars)
-                    try:
-                        done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
-                    finally:
-                        stop(proc)
+                    done[label] = serve_and_measure(cmd, WORK / f"tp_{label}.log", env_vars)
                 elif server == "plain":  # Ray Serve LLM's own app, throughput-optimized mode like slimserve's
-                    proc = popen([sys.executable, "-c", PLAIN % (PORT, COMPILATION, MAX_MODEL_LEN), str(WORK / "llama8b"), tp],
-                                 WORK / f"tp_{label}.log", {**THROUGHPUT_OPTIMIZED, **env_vars})
-                    try:
-                        done[label] = {"ready_seconds": round(wait_models(proc, {"m"}, min(300, left())), 1), **measure("m")}
-                    finally:
-                        stop(proc)
+                    cmd = [sys.executable, "-c", PLAIN % (PORT, COMPILATION, MAX_MODEL_LEN), str(WORK / "llama8b"), tp]
+                    done[label] = serve_and_measure(cmd, WORK / f"tp_{label}.log", {**THROUGHPUT_OPTIMIZED, **env_vars})
                 else:
                     proc, secs, _ = start_slimserve(f"tp_{label}")
                     try:
