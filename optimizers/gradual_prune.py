@@ -63,6 +63,28 @@ class GradualSchedule(Optimization):
         s0, s1 = self.start * self.train.steps, self.end * self.train.steps
         return min(1.0, max(0.0, (step - s0) / max(s1 - s0, 1e-9)))
 
+    def train_with_masks(self, base: Path, out: Path, make_masks) -> tuple:
+        """The run both methods share: the model, in fp32, distilled from itself as loaded (forward
+        only, its saved dtype) while `make_masks(student)` prunes it on this schedule. Returns the
+        tokenizer, the student (on the CPU), its masks and the training facts (no loss history)."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .kd_trainer import distill
+        from .quality import load_for_inference
+
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        teacher = load_for_inference(base)
+        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        masks = make_masks(student)
+        work = out.parent / (out.name + ".gradual-work")
+        try:
+            train = distill(teacher, student, tokenizer, self.train, work / "checkpoints", callbacks=[masks.schedule(self)])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        train.pop("history", None)
+        return tokenizer, student.cpu(), masks, train
+
     def prunes_at(self, step: int) -> bool:
         """Whether a pruning step follows optimizer step `step`."""
         s0 = self.start * self.train.steps
@@ -87,23 +109,10 @@ class GradualPrune(GradualSchedule):
         return final + math.ceil((intermediate_size - final) * (1 - self.progress(step)) ** 3)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .kd_trainer import distill
-        from .quality import load_for_inference, model_perplexity
+        from .quality import model_perplexity
         from .structured import saved_dtype
 
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        teacher = load_for_inference(base)  # forward only: in its saved dtype
-        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        masks = ChannelMasks(student)
-        work = out.parent / (out.name + ".gradual-work")
-        try:
-            train = distill(teacher, student, tokenizer, self.train, work / "checkpoints", callbacks=[masks.schedule(self)])
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        student.cpu()
+        tokenizer, student, masks, train = self.train_with_masks(base, out, ChannelMasks)
         masks.prune_to(self.final_width(masks.width))  # whatever the last step was, end at the final width
         measure = self.eval.available()
         masked = model_perplexity(student, tokenizer, self.eval) if measure else None
@@ -122,7 +131,6 @@ class GradualPrune(GradualSchedule):
         pruned.to(saved_dtype(base))
         pruned.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        train.pop("history", None)
         return {**report, "training": train}
 
 

@@ -18,7 +18,6 @@ vLLM); the manifest says so.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,30 +52,16 @@ class GradualSparse(GradualSchedule):
         return self.sparsity * (1 - (1 - self.progress(step)) ** 3)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .kd_trainer import distill
-        from .quality import load_for_inference, model_perplexity
+        from .quality import model_perplexity
         from .structured import saved_dtype
 
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        teacher = load_for_inference(base)  # forward only: in its saved dtype
-        student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        masks = WeightMasks(student, self.pattern)
-        work = out.parent / (out.name + ".gradual-work")
-        try:
-            train = distill(teacher, student, tokenizer, self.train, work / "checkpoints", callbacks=[masks.schedule(self)])
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        student.cpu()
+        tokenizer, student, masks, train = self.train_with_masks(base, out, lambda model: WeightMasks(model, self.pattern))
         masks.prune_to(self.sparsity)  # whatever the last step was, end at the final sparsity
         masks.remove_hooks()
         after = model_perplexity(student, tokenizer, self.eval) if self.eval.available() else None
         student.to(saved_dtype(base))
         student.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        train.pop("history", None)
         return {
             "pattern": self.pattern, **measure_sparsity(out), "schedule": masks.history,
             "perplexity_after": after and round(after, 3), "held_out": self.eval.model_dump(),
