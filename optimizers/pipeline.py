@@ -24,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import lifeline
 from .cache import GIB, ArtifactCache, CacheHold, folder_digest, hold, sha256_file
 from .calibration import Calibration, load_text
 from .models import resolve_source
@@ -34,6 +35,9 @@ from .worker import RESULT_PREFIX
 log = logging.getLogger(__name__)
 
 DEFAULT_BUILD_TIMEOUT_S = 3600.0  # longest one optimization may run (a variant's build_timeout_s)
+# Waiting for another process building the same artifact: up to this many build timeouts (it may
+# have waited itself, or run with a longer timeout). serve/start_budget.py counts it in.
+LOCK_WAIT_FACTOR = 2
 STDERR_TAIL_LINES = 30  # last lines of the child's output kept for the failure message
 _KILL_GRACE_S = 5.0  # SIGTERM to SIGKILL
 
@@ -155,6 +159,11 @@ def _child_command(python: str, request: str) -> list[str]:
     return [python, "-m", "slimserve.optimizers.worker", request]
 
 
+def _with_lifeline(command: list[str]) -> list[str]:
+    """`command` run by lifeline.py, which kills it and all it started if this process dies."""
+    return [sys.executable, str(Path(lifeline.__file__)), str(os.getpid()), "--", *command]
+
+
 class _Tail:
     """The last `n` lines of a stream, as a terminal would show them (a progress bar redrawn
     with carriage returns is one line)."""
@@ -217,9 +226,23 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+# Always withheld from the optimizer's child, whatever the config names: slimserve's default key variables.
+SECRET_ENV_DEFAULTS = ("SLIMSERVE_API_KEYS", "SLIMSERVE_ADMIN_KEYS")
+
+
+def child_environment(withhold_env=()) -> dict[str, str]:
+    """The optimizer child's environment: this process's, offline, less the variables that hold
+    API and admin keys (the child runs llm-compressor, transformers and their plugins: none of
+    them needs a key, and none should be able to read one)."""
+    withheld = set(SECRET_ENV_DEFAULTS) | set(withhold_env)
+    env = {k: v for k, v in os.environ.items() if k not in withheld}
+    return {**env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def _run_child(
     python: str, spec: Optimization, base: Path, out: Path, held_out: HeldOut | None,
     timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S, code: dict[str, str] | None = None,
+    withhold_env: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
     """Run the method in a child process of its own process group; stop the whole group after
     `timeout_s`. Its output streams to this process's stderr (the replica's log) as it comes;
@@ -228,11 +251,13 @@ def _run_child(
         "spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out),
         "held_out": held_out.model_dump() if held_out else None, "code": (code or {}).get("code"),
     })
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_environment(withhold_env)
     log.info("optimizing %s with %s in a child process (%s, at most %s s)", base.name, spec.method, python, timeout_s)
     proc = subprocess.Popen(
-        _child_command(python, request), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-        start_new_session=True,  # its own process group: a timeout stops everything it started
+        _with_lifeline(_child_command(python, request)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        # Its own process group: a timeout (here) or this process's death (lifeline) stops
+        # everything it started.
+        start_new_session=True,
     )
     tail, result = _Tail(STDERR_TAIL_LINES), {}
 
@@ -293,6 +318,7 @@ def optimize(
     build_timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S,
     lock_timeout_s: float | None = None,
     cache_max_gib: float | None = None,
+    withhold_env: tuple[str, ...] | list[str] = (),
 ) -> OptimizeResult:
     """Return the checkpoint to serve for `source` optimized by `spec`, building it if needed,
     and apply the quality gate (which may raise QualityGateFailed or fall back to the base).
@@ -328,8 +354,8 @@ def optimize(
     info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions,
             "slimserve": code}
     if lock_timeout_s is None and build_timeout_s is not None:
-        lock_timeout_s = 2 * build_timeout_s
-    build = lambda tmp: _run_child(python, spec, base, tmp, held_out, build_timeout_s, code)  # noqa: E731
+        lock_timeout_s = LOCK_WAIT_FACTOR * build_timeout_s
+    build = lambda tmp: _run_child(python, spec, base, tmp, held_out, build_timeout_s, code, withhold_env)  # noqa: E731
     for attempt in (1, 2):
         path, manifest, hit = cache.get_or_build(key, build, info, lock_timeout_s)
         try:

@@ -1,9 +1,12 @@
 """`slimserve ab-report`: the variants of one public model side by side, from Prometheus, and
 whether their differences are real.
 
-Tests (scipy): latency — chi-square test of homogeneity on the two variants' latency histogram
-buckets (do the two distributions differ?); errors — Fisher's exact test on errors vs successes.
-Each candidate is compared with the baseline variant at significance level 0.05."""
+Tests: the rollout's always-valid tests (rollout_sequential.py, docs/ROLLOUT_STATISTICS.md), so
+a report read now and again later keeps its level. Latency — is more (slower) or less (faster)
+than 5 % of the candidate's requests above the baseline's e2e p95 bound; errors — is the
+candidate's failure rate (5xx, broken streams, timeouts, 429) above or below the baseline's.
+Each candidate is compared with the baseline variant at significance level 0.05; when neither
+way is shown yet, the verdict says about how many more requests it would take."""
 
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
+
+from .rollout_evidence import Q, _count_needed
+from .rollout_sequential import more_needed, p_value, rejects
 
 ALPHA = 0.05
 MIN_REQUESTS = 30  # fewer per variant: no verdict
@@ -100,7 +108,7 @@ def collect(prom: str, model: str, window: str) -> dict[str, VariantStats]:
 
     for v, n in _by(prom, "sum by (variant) " + delta(f'slimserve_requests_total{{{sel},variant!=""}}', window), "variant").items():
         get(v).requests = round(n)
-    for v, n in _by(prom, "sum by (variant) " + delta(f'slimserve_requests_total{{{sel},status=~"5..|error"}}', window), "variant").items():
+    for v, n in _by(prom, "sum by (variant) " + delta(f'slimserve_requests_total{{{sel},status=~"5..|error|429|408"}}', window), "variant").items():
         get(v).errors = round(n)
     for short, name in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency"), ("e2e", "e2e_request_latency")):
         for q in (50, 95):
@@ -130,7 +138,8 @@ def _buckets(prom: str, model: str, window: str, metric: str) -> dict[str, list[
 
 
 def latency_test(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float | None:
-    """p-value of the chi-square test of homogeneity between two histograms (same buckets)."""
+    """p-value of the chi-square test of homogeneity between two histograms (same buckets): do
+    the distributions differ at all. Not what a verdict rests on (tail_test is); kept for callers."""
     from scipy.stats import chi2_contingency
 
     def per_bucket(cum):
@@ -147,11 +156,30 @@ def latency_test(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> 
     return float(chi2_contingency(table).pvalue)
 
 
-def error_test(base: VariantStats, cand: VariantStats) -> float:
-    from scipy.stats import fisher_exact
+def error_test(base: VariantStats, cand: VariantStats) -> tuple[float, float, int | None]:
+    """(p more errors, p fewer errors, about how many more candidate requests would decide)."""
+    p0 = base.errors / base.requests if base.requests else 0.0
+    up, down = p_value(cand.errors, cand.requests, p0, True), p_value(cand.errors, cand.requests, p0, False)
+    return up, down, more_needed(cand.errors, cand.requests, p0, up < down, ALPHA / 2)
 
-    table = [[cand.errors, cand.requests - cand.errors], [base.errors, base.requests - base.errors]]
-    return float(fisher_exact(table).pvalue)
+
+def tail_test(base: list[tuple[float, float]], cand: list[tuple[float, float]]) -> tuple[float, float, int | None] | None:
+    """(p slower, p faster, more requests needed): the candidate's fraction of requests above
+    the baseline's p95 upper bound (as the rollout's latency guardrail, ratio 1) against 5 %."""
+    if not base or not cand or len(base) != len(cand):
+        return None
+    bounds = np.array([b for b, _ in base[:-1]])
+    counts = np.diff([0.0] + [c for _, c in base])
+    i = int(np.searchsorted(np.cumsum(counts[:-1]), _count_needed(int(sum(counts)), ALPHA / 4) or math.inf))
+    # Faster is judged above the baseline's p95 lower bound: the last bound shown under it.
+    below = [k for k, c in enumerate(np.cumsum(counts[:-1])) if rejects(c, sum(counts), Q, False, ALPHA / 4)]
+    n = cand[-1][1]
+    if i >= len(bounds) or not n:
+        return None
+    over = n - cand[i][1]
+    up = p_value(over, n, 1 - Q, True)
+    down = p_value(n - cand[below[-1]][1], n, 1 - Q, False) if below else 1.0
+    return up, down, more_needed(over, n, 1 - Q, True, ALPHA / 4)
 
 
 def pick_baseline(stats: dict[str, VariantStats], asked: str | None) -> str:
@@ -173,20 +201,17 @@ def compare(prom: str, model: str, window: str, stats: dict[str, VariantStats], 
         if name == baseline:
             continue
         enough = min(base.requests, cand.requests) >= MIN_REQUESTS
-        lat_p = latency_test(hist.get(baseline, []), hist.get(name, [])) if enough else None
-        err_p = error_test(base, cand) if enough else None
-        if lat_p is None:
-            lat = "not enough data"
-        elif lat_p >= ALPHA:
-            lat = "no significant difference"
-        else:
-            lat = "faster" if (cand.e2e_p50 or 0) < (base.e2e_p50 or 0) else "slower"
-        if err_p is None:
-            err = "not enough data"
-        elif err_p >= ALPHA:
-            err = "no significant difference"
-        else:
-            err = "fewer errors" if (cand.error_rate or 0) < (base.error_rate or 0) else "more errors"
+        tail = tail_test(hist.get(baseline, []), hist.get(name, [])) if enough else None
+        errs = error_test(base, cand) if enough else None
+        # Two one-sided tests at ALPHA / 2 each (latency: another ALPHA / 4 bounds the baseline's p95).
+        lat_p = min(1.0, 2 * min(tail[:2])) if tail else None
+        err_p = min(1.0, 2 * min(errs[:2])) if errs else None
+        lat = ("not enough data" if tail is None else "no significant difference" if lat_p >= ALPHA
+               else "slower" if tail[0] < tail[1] else "faster")
+        err = ("not enough data" if errs is None else "no significant difference" if err_p >= ALPHA
+               else "more errors" if errs[0] < errs[1] else "fewer errors")
+        more = [f"{what}: about {t[2]} more {name} requests at this rate" for what, t, c in
+                (("latency", tail, lat), ("errors", errs, err)) if t and c == "no significant difference" and t[2]]
         if not enough:
             verdict = f"not enough traffic yet (need {MIN_REQUESTS} requests per variant)"
         elif lat == "slower" or err == "more errors":
@@ -195,9 +220,11 @@ def compare(prom: str, model: str, window: str, stats: dict[str, VariantStats], 
             verdict = f"{name} can replace {baseline}: not slower, not less reliable"
             if "ppl_ratio" in cand.quality:
                 verdict += f"; it costs quality ratio {cand.quality['ppl_ratio']:.3f} (perplexity vs base)"
+            if more:
+                verdict += f" (not yet shown either way; {', '.join(more)})"
         out.append(
-            Comparison(name, baseline, "chi-square homogeneity on e2e latency buckets", lat_p, lat,
-                       "Fisher's exact test on error counts", err_p, err, verdict)
+            Comparison(name, baseline, "mixture SPRT: share of e2e latencies above the baseline's p95 bound vs 5 %",
+                       lat_p, lat, "mixture SPRT: failure rate vs the baseline's", err_p, err, verdict)
         )
     return out
 

@@ -29,6 +29,7 @@ from .onload import OptimizeOnLoad
 from .placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
 from .rayllm import experimental_configs
 from .server import SlimServer
+from .start_budget import RAY_ENGINE_START_TIMEOUT_ENV, start_budget_s
 
 log = logging.getLogger("slimserve.app")
 
@@ -93,6 +94,10 @@ def llm_config_for(
     eng = model.engine_for(variant)
     dep = model.deployment
     env = {"HF_HUB_OFFLINE": "1", **{k: os.environ[k] for k in _PROPAGATED_ENV if k in os.environ}, **dep.env}
+    # Ray Serve LLM cancels a replica start past this (read when the replica imports ray.llm): the
+    # variant's wait + build + engine start must fit, or Ray restarts the build for ever. A value
+    # the user put in deployment.env stays (the config checked that it fits).
+    env.setdefault(RAY_ENGINE_START_TIMEOUT_ENV, str(start_budget_s(variant.build_timeout_s, variant.engine_start_timeout_s)))
     engine_kwargs: dict[str, Any] = {
         "tensor_parallel_size": eng.tensor_parallel_size,
         "dtype": eng.dtype,
@@ -153,6 +158,8 @@ def llm_config_for(
                 model=model.name, variant=variant.name, source=source, cache_dir=cfg.cache_dir, accelerator=accel,
                 optimization=variant.optimization.model_dump(mode="json"), quality=variant.quality.model_dump(mode="json"),
                 required=variant.required, build_timeout_s=variant.build_timeout_s, cache_max_gib=cfg.cache_max_gib,
+                engine_start_timeout_s=variant.engine_start_timeout_s, prepare_retry=variant.prepare_retry,
+                secret_env=[e for e in (cfg.ingress.api_keys_env, cfg.ingress.admin_keys_env) if e],
             ).model_dump(mode="json"),
         },
     )
@@ -164,6 +171,7 @@ def build_ingress_spec(cfg: SlimserveConfig) -> dict[str, Any]:
         splits={m.name: [VariantRoute(v.name, m.model_id(v), v.weight) for v in m.variants] for m in cfg.models},
         allow_forced_variant=cfg.ingress.allow_forced_variant,
         sticky={m.name: m.sticky for m in cfg.models},
+        sticky_user_from=cfg.ingress.sticky_identity(),
         shadows={m.name: m.shadow for m in cfg.models if m.shadow},
         shadow_max_in_flight=cfg.ingress.shadow_max_in_flight,
         probes={m.name: m.probe.model_copy(update={"baseline": m.probe.baseline or m.variants[0].name})

@@ -23,7 +23,9 @@ from slimserve.optimizers.registry import Optimization, parse
 
 from .ingress_config import IngressSettings
 from .probe_config import LiveProbeSettings
+from .retry import PrepareRetry
 from .rollout_config import RolloutSettings, check_probe_and_rollout
+from .start_budget import DEFAULT_ENGINE_START_TIMEOUT_S, RAY_ENGINE_START_TIMEOUT_ENV, misfit
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Separates public model name and variant in the model id of a variant's deployment. Not ':'
@@ -119,7 +121,9 @@ class DeploymentSettings(_Strict):
         description="CPU hosts: VLLM_CPU_OMP_THREADS_BIND for the engine. `auto` gives every engine its own "
         "cores, so engines never share one (sharing a core slows vLLM CPU 20-30x).",
     )
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the replicas.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the replicas. Never a secret: this "
+        "is deployment config, shown by Ray's dashboard; give keys through the pods' environment (a Secret).")
     stream_batching_interval_ms: float = Field(
         50, ge=0, le=1000,
         description="How long the engine replica gathers a streamed answer's chunks before sending them on, "
@@ -158,7 +162,20 @@ class Variant(_Strict):
         DEFAULT_BUILD_TIMEOUT_S, gt=0,
         description="Longest time building this variant's optimized checkpoint may take. Past it the optimizer's "
         "process (and all it started) is stopped and the variant fails with the process's last lines of output. A "
-        "replica waiting for another one that builds the same artifact waits up to twice this.",
+        "replica waiting for another one that builds the same artifact waits up to twice this. The replica's start "
+        "(wait, build, engine start) must fit Ray Serve LLM's engine start timeout: slimserve sets "
+        "RAYLLM_ENGINE_START_TIMEOUT_S for the variant to 3 x build_timeout_s + engine_start_timeout_s.",
+    )
+    engine_start_timeout_s: float = Field(
+        DEFAULT_ENGINE_START_TIMEOUT_S, gt=0,
+        description="Room for the engine's own start after the checkpoint is ready (waiting for the node's "
+        "engine-start lock on GPU hosts, loading weights, profiling, graph capture); part of the variant's "
+        "RAYLLM_ENGINE_START_TIMEOUT_S (see build_timeout_s).",
+    )
+    prepare_retry: PrepareRetry = Field(
+        default_factory=PrepareRetry,
+        description="A variant that is not `required` and failed to prepare for a transient reason (cache lock "
+        "timeout, out of memory, full disk) tries again in its replica: {attempts, backoff_s}.",
     )
 
     @field_validator("engine")
@@ -228,6 +245,22 @@ class ModelSpec(_Strict):
                     f"variants.{i}.engine (merged with the model's engine): "
                     + "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
                 ) from None
+        return self
+
+    @model_validator(mode="after")
+    def _builds_fit_ray_start_timeout(self) -> "ModelSpec":
+        # Unset, slimserve sets Ray's limit per variant from its timeouts (app.llm_config_for).
+        given = self.deployment.env.get(RAY_ENGINE_START_TIMEOUT_ENV)
+        if given is None:
+            return self
+        try:
+            limit = float(given)
+        except ValueError:
+            raise ValueError(f"deployment.env.{RAY_ENGINE_START_TIMEOUT_ENV}: {given!r} is not a number of seconds") from None
+        for i, v in enumerate(self.variants):
+            why = misfit(v.build_timeout_s, v.engine_start_timeout_s, limit, "deployment.env")
+            if why:
+                raise ValueError(f"variants.{i}.build_timeout_s: {why}")
         return self
 
     @model_validator(mode="after")

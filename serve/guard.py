@@ -5,11 +5,12 @@ with Ray Serve LLM's own `ErrorResponse`."""
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import os
 
-from fastapi import status
+from fastapi import Request, status
 from ray.serve.llm.openai_api_models import ErrorResponse
 from starlette.responses import JSONResponse
 
@@ -56,7 +57,7 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         send = _with_answer_headers(scope, send)
         headers = dict(scope.get("headers") or [])
-        if scope.get("path", "").startswith(self.admin_prefix):
+        if is_admin_path(scope, self.admin_prefix):
             # The operator's routes: an admin key only (a client key is not one).
             if not self.admin_keys:
                 return await _send_error(send, 403, "the admin routes are off: give the ingress admin keys "
@@ -78,10 +79,10 @@ class GuardMiddleware:
             if body is None:
                 return await _send_error(send, 413, self._too_big(size), "invalid_request_error")
             if body and _json_route(scope):
-                try:
-                    json.loads(body)
-                except ValueError:
-                    return await _send_error(send, 400, "the request body is not valid JSON", "invalid_request_error")
+                problem = json_problem(body)
+                if problem:
+                    return await _send_error(send, 400, f"the request body is not valid JSON: {problem}",
+                                             "invalid_request_error")
             receive = _replay(body, receive)
         return await self.app(scope, receive, send)
 
@@ -90,8 +91,62 @@ class GuardMiddleware:
                 "(ingress.limits.max_body_bytes)")
 
 
+def is_admin_path(scope, admin_prefix: str) -> bool:
+    """Whether a request may reach an operator's route. Under a Serve route prefix `path` keeps
+    the prefix (`/x/slimserve/...`) while the router matches it without (`root_path` is `/x`):
+    so the check is on the route path as Starlette computes it, and, since no client route has
+    the admin prefix anywhere in its path, on any path that contains it (refuse when unsure:
+    a doubled slash, a prefix the proxy did not set as `root_path`)."""
+    return route_path(scope).startswith(admin_prefix) or admin_prefix in scope.get("path", "")
+
+
+def route_path(scope) -> str:
+    """The path the app's router matches: `path` less the `root_path` Serve's proxy sets to the
+    application's route prefix (what starlette.routing does)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why `body` is not a JSON document a route can parse, or None. `json.loads` raises
+    ValueError for bad syntax, bad UTF-8 and over-long integers, and RecursionError for deep
+    nesting (`[[[[...`): each of them is the client's error, not the server's. NaN and Infinity
+    are not JSON (RFC 8259) though Python reads them: a validation error that quotes one back
+    fails to serialize (a 500), so they are refused here too."""
+    try:
+        json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        return "nested too deeply"
+    except ValueError as e:
+        return str(e).split(":")[0][:200]
+    return None
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def admin_only(handler, admin_keys: list[bytes]):
+    """`handler` (a FastAPI route function taking `request`) behind its own admin-key check: a
+    second lock behind the middleware's, so that an admin route never answers without the key
+    whatever path rewriting happens in front of the app."""
+
+    @functools.wraps(handler)
+    async def checked(*args, request: Request, **kwargs):
+        if not (admin_keys and _key_ok(dict(request.scope.get("headers") or []), admin_keys)):
+            return error_response(401, "an admin key is required: send `Authorization: Bearer ADMIN_KEY`",
+                                  "authentication_error", {"www-authenticate": "Bearer"})
+        return await handler(*args, request=request, **kwargs)
+
+    return checked
+
+
 def _bearer(headers: dict) -> bytes:
-    auth = headers.get(b"authorization", b"")
+    return bearer_token(headers.get(b"authorization", b""))
+
+
+def bearer_token(auth: bytes) -> bytes:
+    """The key of an `Authorization: Bearer KEY` header value (b"" when there is none)."""
     return auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
 
 
@@ -133,7 +188,7 @@ def _replay(body: bytes, receive):
 
 def _json_route(scope) -> bool:
     # Every POST route of the OpenAI API takes JSON, except audio uploads (multipart forms).
-    return not scope.get("path", "").startswith("/v1/audio/")
+    return not route_path(scope).startswith("/v1/audio/")
 
 
 def _with_answer_headers(scope, send):

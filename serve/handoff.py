@@ -13,7 +13,9 @@ from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
 from .ab import VariantRoute
 from .ingress_config import RequestLimits
 from .probe_config import LiveProbeSettings
+from .retry import PrepareRetry
 from .rollout_config import RolloutSettings
+from .start_budget import DEFAULT_ENGINE_START_TIMEOUT_S
 
 
 class _Handoff(BaseModel):
@@ -33,6 +35,14 @@ class OnLoadSpec(_Handoff):
     required: bool = Field(False, description="A failure to prepare fails the app instead of marking the variant failed.")
     build_timeout_s: float = Field(DEFAULT_BUILD_TIMEOUT_S, gt=0, description="Longest the optimization may run (Variant.build_timeout_s).")
     cache_max_gib: float | None = Field(None, gt=0, description="Size cap of the artifact cache (SlimserveConfig.cache_max_gib).")
+    engine_start_timeout_s: float = Field(
+        DEFAULT_ENGINE_START_TIMEOUT_S, gt=0, description="Room for the engine's start (Variant.engine_start_timeout_s)."
+    )
+    prepare_retry: PrepareRetry = Field(default_factory=PrepareRetry, description="Variant.prepare_retry.")
+    secret_env: list[str] = Field(
+        default_factory=list, description="Environment variables holding keys (ingress.api_keys_env, admin_keys_env): "
+        "withheld from the optimizer's child process, which runs third-party code and needs none of them."
+    )
 
     @property
     def who(self) -> str:
@@ -62,6 +72,7 @@ class IngressSpec(_Handoff):
     splits: dict[str, list[VariantRoute]] = Field(description="Public name -> its variants' routes.")
     allow_forced_variant: bool = True
     sticky: dict[str, bool] = Field(default_factory=dict)
+    sticky_user_from: Literal["api_key", "header"] = "header"
     shadows: dict[str, str] = Field(default_factory=dict)
     shadow_max_in_flight: int = 8
     probes: dict[str, LiveProbeSettings] = Field(

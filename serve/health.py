@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
+from .retry import describe_retry
+
 log = logging.getLogger("slimserve.health")
 
 # Serve's own words when a replica waits for resources (ray/serve/_private/deployment_state.py,
@@ -173,6 +175,8 @@ class HealthBoard:
         except Exception as e:
             log.info("%s: no engine record yet (%s); Serve reports it healthy", model_id, type(e).__name__)
             return VariantHealth(State.READY)
+        if info.get("retrying"):  # failed for a transient reason, tries again (serve/retry.py)
+            return VariantHealth(State.LOADING, describe_retry(info["retrying"]), engine=info)
         if info.get("failed"):
             # The first line says what failed (the optimizer's last output lines follow it; the
             # whole text is in slimserve_info and the replica's log).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -23,7 +24,9 @@ from starlette.responses import Response, StreamingResponse
 
 from . import telemetry
 from .ab import RouteError, Router, Target
-from .guard import VARIANT_HEADER, GuardMiddleware, api_keys_from_env, check_limits, error_response
+from .guard import (
+    VARIANT_HEADER, GuardMiddleware, admin_only, api_keys_from_env, bearer_token, check_limits, error_response,
+)
 from .handoff import IngressSpec, IngressWeights
 from .health import HealthBoard
 from .model_cards import public_card, variant_card
@@ -78,10 +81,24 @@ class SlimserveIngress(OpenAiIngress):
     def _set_asgi_app(self, app) -> None:
         # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last
         # chance to put the key and body-size check in front of every route.
+        admin_keys = api_keys_from_env(self._spec.admin_keys_env)
         app.add_middleware(GuardMiddleware, api_keys=self._api_keys, max_body_bytes=self._spec.limits.max_body_bytes,
-                           admin_keys=api_keys_from_env(self._spec.admin_keys_env), admin_prefix=ADMIN_PREFIX)
-        self._rollouts.add_admin_routes(app)
+                           admin_keys=admin_keys, admin_prefix=ADMIN_PREFIX)
+        self._rollouts.add_admin_routes(app, admin_keys)
+        app.add_api_route(ADMIN_PREFIX + "variants", admin_only(self._admin_variants, admin_keys), methods=["GET"])
         super()._set_asgi_app(app)
+
+    async def _admin_variants(self, request: Request) -> dict:
+        """GET /slimserve/variants (admin key): what /v1/models leaves out for clients — each
+        variant's full reason and engine record (paths, pid, the optimizer's last output), and
+        each rollout's history and evidence."""
+        return {
+            "variants": {model_id: {"model": name, "variant": route.variant, "state": h.state.value,
+                                    "reason": h.reason, "engine": h.engine}
+                         for model_id, (name, route) in self._router.by_model_id.items()
+                         for h in [self._health.state_of(model_id)]},
+            "rollouts": {name: self._rollouts.summary(name) for name in self._spec.rollouts},
+        }
 
     # --- one request ----------------------------------------------------------------------
 
@@ -90,7 +107,7 @@ class SlimserveIngress(OpenAiIngress):
         forced = request.headers.get(VARIANT_HEADER)
         # None of the candidates known up (e.g. the first request after a deploy): look now.
         await self._health.refresh_if_stale(self._router.candidates(body.model, forced))
-        user = request.headers.get(USER_HEADER) or getattr(body, "user", None)
+        user = self._user_of(body, request)
         state = self._health.state_of
         try:
             target = self._router.route(body.model, forced, user, lambda m: state(m).available, lambda m: state(m).describe())
@@ -100,6 +117,14 @@ class SlimserveIngress(OpenAiIngress):
         body.model = target.model_id
         request.state.slimserve_variant = target.variant  # guard.py puts it on every answer, errors too
         return target
+
+    def _user_of(self, body, request: Request) -> str | None:
+        """Who the request is for sticky routing: what the operator trusts (ingress.sticky_user_from)."""
+        if self._spec.sticky_user_from == "header":
+            return request.headers.get(USER_HEADER) or getattr(body, "user", None)
+        key = bearer_token(request.headers.get("authorization", "").encode())
+        # The key's digest, not the key: the identity is only hashed again, never shown.
+        return hashlib.blake2b(key, digest_size=16).hexdigest() if key and self._api_keys else None
 
     async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
         self._ensure_probe()
@@ -115,7 +140,9 @@ class SlimserveIngress(OpenAiIngress):
             shadow = self._router.by_model_id[target.shadow_model_id][1].variant
             self._shadow.send(body, call_method, target.shadow_model_id, {"model": target.model, "variant": shadow})
         self._live.maybe_probe(body, call_method, target.model)
-        timer = telemetry.start_timer(body, labels, on_finish=self._rollouts.observe)
+        # The user groups requests for the rollout's statistics (a sticky user's go together).
+        user = self._user_of(body, request)
+        timer = telemetry.start_timer(body, labels, on_finish=functools.partial(self._rollouts.observe, user=user))
         # Answers name the model the client asked for (OpenAI clients compare it); the variant
         # is in the header. A client that asked for a variant's own id gets that id.
         asked = requested if requested is not None else target.model
@@ -132,6 +159,8 @@ class SlimserveIngress(OpenAiIngress):
         except (OpenAIHTTPException, HTTPException) as e:
             timer.finish(str(e.status_code))
             raise
+        except telemetry.REPLICA_LOST as e:
+            return self._replica_lost(e, target, timer)
         except Exception as e:
             raise self._client_error(e, target, timer, request) from None
         except BaseException:
@@ -161,6 +190,17 @@ class SlimserveIngress(OpenAiIngress):
             f"details are in the server log (request id {get_request_id(request)})",
             "InternalServerError",
         )
+
+    def _replica_lost(self, e: Exception, target: Target, timer) -> Response:
+        """The replica (or node) serving the request went away: a 503 with Retry-After, so that
+        clients retry (the openai client does) instead of giving up on a 500. By one health probe
+        interval the router knows the variant is down and sends the retry elsewhere."""
+        timer.finish("503")
+        log.warning("%s/%s: replica lost: %s: %s", target.model, target.variant, type(e).__name__, e)
+        retry = max(1, round(self._spec.health_probe_interval_s))
+        return error_response(503, f"variant `{target.variant}` of `{target.model}` lost the replica serving the "
+                              f"request ({type(e).__name__}); retry after {retry} s", "server_error",
+                              {"retry-after": str(retry), VARIANT_HEADER: target.variant})
 
     async def _get_response(self, *, body, call_method, raw_request=None):
         timer, rename = self._in_flight.pop(id(body), (None, None))

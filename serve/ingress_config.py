@@ -3,6 +3,8 @@ request may ask for."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -47,6 +49,13 @@ class IngressSettings(_Strict):
         "more replicas share it. Routing and sticky users give the same answer on every replica."
     )
     allow_forced_variant: bool = Field(True, description="Honour the x-slimserve-variant request header.")
+    sticky_user_from: Literal["api_key", "header"] | None = Field(
+        None, description="Who a user is, for sticky routing (a model's `sticky: true`): `header` — the "
+        "x-slimserve-user header or the body's `user` field, which the client chooses (and so can choose its "
+        "variant by trying names): right when forcing a variant is allowed anyway, or when a gateway you trust "
+        "sets the header; `api_key` — the API key the request authenticated with (each key is one user; "
+        "without API keys no request is sticky). Unset: `header` when allow_forced_variant is true, else `api_key`.",
+    )
     shadow_max_in_flight: int = Field(
         8, ge=0, description="Shadow copies in flight at once per ingress replica; beyond it copies are dropped "
         "(and counted), so shadow traffic is shed before client traffic."
@@ -70,3 +79,6 @@ class IngressSettings(_Strict):
     health_probe_interval_s: float = Field(
         10, gt=0, description="How often the ingress checks each variant's engine (slimserve_variant_up)."
     )
+
+    def sticky_identity(self) -> Literal["api_key", "header"]:
+        return self.sticky_user_from or ("header" if self.allow_forced_variant else "api_key")

@@ -174,8 +174,14 @@ class LiveProbes:
         if self._on_result is not None:
             self._on_result(plan.model, variant, result.match)
         metric("slimserve_live_prefix_tokens").observe(result.prefix, tags=labels)
+        # The histograms' _sum are approximate (Ray rebuilds them from bucket midpoints): exact
+        # sums too. Ray's Counter refuses an increment of 0.
+        if result.prefix > 0:
+            metric("slimserve_live_shared_tokens_total").inc(result.prefix, tags=labels)
         if result.kl_per_token is not None:
             metric("slimserve_live_kl_per_token").observe(result.kl_per_token, tags=labels)
+            if result.kl_per_token > 0:
+                metric("slimserve_live_kl_nats_total").inc(result.kl_per_token, tags=labels)
 
     def set_gauges(self) -> None:
         """Set the agreement gauges again (Ray drops a gauge that is not set for a while)."""

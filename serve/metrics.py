@@ -44,6 +44,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_live_agreement": ("gauge", "Fraction of this ingress replica's last probes (probe.window) whose first N greedy tokens equal the baseline's.", REQUEST, None),
     "slimserve_live_prefix_tokens": ("histogram", "Greedy tokens a probe's answer shares with the baseline's from the start.", REQUEST, PREFIX_BUCKETS),
     "slimserve_live_kl_per_token": ("histogram", "Estimated KL(baseline || variant) per token over the probe's shared context, nats (top-logprob truncated: a lower bound).", REQUEST, KL_BUCKETS),
+    # Ray exports a histogram's _sum rebuilt from bucket midpoints (a prefix of 8 counts as 6):
+    # these counters carry the exact sums (mean = sum / slimserve_live_prefix_tokens_count).
+    "slimserve_live_shared_tokens_total": ("counter", "Greedy tokens the probes' answers share with the baseline's from the start, summed over probes (exact).", REQUEST, None),
+    "slimserve_live_kl_nats_total": ("counter", "The probes' per-token KL estimates (slimserve_live_kl_per_token), summed over probes (exact).", REQUEST, None),
     # progressive rollout (rollout: block), recorded by the ingress; `variant` is the candidate
     "slimserve_rollout_percent": ("gauge", "The candidate's share of its pair's traffic now, %.", REQUEST, None),
     "slimserve_rollout_step": ("gauge", "The rollout's current step (1-based).", REQUEST, None),
@@ -58,6 +62,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...], list[float] | None]] = {
     "slimserve_optimization_runs_total": ("counter", "Checkpoint preparations at replica start, by artifact cache `hit` or `miss`.", REQUEST + ("method", "cache"), None),
     "slimserve_quality_ratio": ("gauge", "Quality of the variant against its base: `ppl_ratio` (perplexity / base perplexity) or `teacher_agreement`.", REQUEST + ("metric",), None),
     "slimserve_optimization_failed": ("gauge", "1 when the variant could not be prepared at load and is not served (its traffic goes to the others).", REQUEST, None),
+    "slimserve_optimization_retries_total": ("counter", "Retries of a variant's preparation after a transient failure (cache lock timeout, out of memory, full disk); prepare_retry bounds them.", REQUEST, None),
     "slimserve_quality_gate_failed": ("gauge", "1 when the variant failed its quality gate and the base model is served instead.", REQUEST, None),
 }
 

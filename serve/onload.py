@@ -12,7 +12,10 @@ from slimserve.optimizers.pipeline import optimize
 from slimserve.optimizers.registry import parse
 
 from .handoff import OnLoadSpec, PreparedCheckpoint
-from .rayllm import CallbackBase
+from .rayllm import CallbackBase, engine_start_timeout_s
+from .retry import transient
+from .start_budget import misfit
+from .start_lock import EngineStartLock
 
 log = logging.getLogger("slimserve.onload")
 
@@ -27,22 +30,34 @@ class OptimizeOnLoad(CallbackBase):
         self.spec = OnLoadSpec.model_validate(kwargs)
 
     async def on_before_node_init(self) -> None:
+        # Runs again on each retry (SlimServer): the same callback object, a fresh attempt.
+        self.ctx.custom_data.pop("slimserve_failure", None)
         try:
             await self._prepare()
         except Exception as e:
-            # SlimServer.start() reads this: a variant that is not `required` then serves no
-            # engine and reports the failure instead of failing the whole app.
+            # SlimServer.start() reads these: a variant that is not `required` then serves no
+            # engine and reports the failure instead of failing the whole app, and retries a
+            # transient one.
             self.ctx.custom_data["slimserve_failure"] = f"{type(e).__name__}: {e}"
+            self.ctx.custom_data["slimserve_failure_transient"] = transient(e)
             raise
+
+    async def on_after_node_init(self) -> None:
+        """Right before Ray Serve LLM creates the engine: on GPU hosts, wait for the node's
+        engine-start lock (the build ran without it; SlimServer.start releases it)."""
+        if self.spec.accelerator == "gpu":
+            lock = self.ctx.custom_data.setdefault("slimserve_start_lock", EngineStartLock(self.spec.who))
+            await lock.acquire(self.ctx.custom_data.setdefault("slimserve_timings", {}))
 
     async def _prepare(self) -> None:
         spec = self.spec
         check_runs_on(parse(spec.optimization), spec.accelerator, spec.who)
+        check_start_budget(spec)
         log.info("%s: preparing %s of %s", spec.who, spec.optimization["method"], spec.source)
         # The build can take minutes: keep it off the replica's event loop.
         result = await asyncio.to_thread(
             optimize, spec.source, spec.optimization, spec.cache_dir, spec.quality,
-            build_timeout_s=spec.build_timeout_s, cache_max_gib=spec.cache_max_gib,
+            build_timeout_s=spec.build_timeout_s, cache_max_gib=spec.cache_max_gib, withhold_env=spec.secret_env,
         )
         # Held for the replica's life (the callback lives as long): a size cap never evicts it.
         self.ctx.custom_data["slimserve_hold"] = result.hold
@@ -61,6 +76,14 @@ class OptimizeOnLoad(CallbackBase):
             quality_gate=result.manifest.get("quality_gate", "passed"),
         )
         log.info("%s: engine will load %s", spec.who, result.path)
+
+
+def check_start_budget(spec: OnLoadSpec) -> None:
+    """Refuse to start a build that Ray Serve LLM would cancel before it can end (and then start
+    again, for ever): the limit this replica got may not be the one build_app set."""
+    why = misfit(spec.build_timeout_s, spec.engine_start_timeout_s, engine_start_timeout_s(), "in this replica's environment")
+    if why:
+        raise ValueError(f"{spec.who}: {why}")
 
 
 def check_runs_on(spec, accelerator: str | None, who: str) -> None:

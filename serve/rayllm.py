@@ -21,11 +21,21 @@ __all__ = [
     "get_request_id",
     "get_response_for_error",
     "experimental_configs",
+    "engine_start_timeout_s",
     "FirstChunkAtOnce",
     "first_chunk_at_once",
     "engine_client",
     "adopt_renamed_serving_objects",
 ]
+
+
+def engine_start_timeout_s() -> int:
+    """The limit Ray Serve LLM put on this process's engine starts (LLMServer.start wraps the
+    on-load hook and vLLM's start in asyncio.wait_for with it; RAYLLM_ENGINE_START_TIMEOUT_S, read
+    when its constants module is first imported)."""
+    from ray.llm._internal.serve import constants
+
+    return constants.ENGINE_START_TIMEOUT_S
 
 
 def experimental_configs(stream_batching_interval_ms: float) -> dict[str, float]:

@@ -5,9 +5,10 @@ Every `evaluate_every_s` the leading ingress replica weighs the current step's e
 why; a step with enough significant evidence advances; otherwise the step holds. The state lives
 on disk (rollout_state.py), so a restart resumes the rollout; every replica routes by it.
 
-The evidence is what the leading replica itself answered (its requests, errors and latencies of
-the two variants since the step began, and its live probes): with several ingress replicas it
-is that replica's share of the traffic."""
+The evidence is what the leading replica itself answered (its requests, outcomes and latencies
+of the two variants since the rollout, or this process, started, and its live probes): with
+several ingress replicas it is that replica's share of the traffic. A step's minimum counts from
+the step's start or, after a restart, from when the evidence restarted."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Callable
 
 from .metrics import metric
 from .rollout_config import RolloutSettings
-from .rollout_evidence import StepEvidence, VariantEvidence, decide
-from .rollout_state import RolloutState, StateStore, settings_digest
+from .rollout_evidence import OUTCOMES, RolloutEvidence, decide, update_bounds
+from .rollout_state import RolloutState, StateStore, settings_digest, tuning_digest
 
 log = logging.getLogger("slimserve.rollout")
 
@@ -32,31 +33,25 @@ class RolloutController:
         self.model, self.baseline, self.candidate = model, baseline, settings.candidate
         self.settings, self.store, self.clock = settings, store, clock
         self.state: RolloutState | None = None
-        self.evidence = StepEvidence()
+        self.evidence = RolloutEvidence()
+        self._evidence_since = clock()
         self._down_since: float | None = None
         self._seen_up = False  # a candidate still loading is not "unavailable": only one that was up
         self._last_tick = -float("inf")
 
     # --- evidence, fed by the ingress ------------------------------------------------------
 
-    def observe(self, variant: str, status: str, ttft_s: float | None, e2e_s: float) -> None:
-        """One finished request of this model (telemetry's RequestTimer.finish)."""
-        side = self._side(variant)
-        if side is None or status == "cancelled":
-            return
-        side.requests += 1
-        side.errors += status.startswith("5") or status == "error"
-        side.e2e.add(e2e_s)
-        if ttft_s is not None:
-            side.ttft.add(ttft_s)
+    def observe(self, variant: str, status: str, ttft_s: float | None, e2e_s: float, user: str | None = None) -> None:
+        """One finished request of this model (telemetry's RequestTimer.finish); `user` groups a
+        user's requests (they go together when routing is sticky)."""
+        side = {self.baseline: "baseline", self.candidate: "candidate"}.get(variant)
+        if side is not None:
+            self.evidence.record(side, status, ttft_s, e2e_s, user)
 
     def probed(self, variant: str, matched: bool) -> None:
         if variant == self.candidate:
             self.evidence.probes += 1
             self.evidence.matches += matched
-
-    def _side(self, variant: str) -> VariantEvidence | None:
-        return {self.baseline: self.evidence.baseline, self.candidate: self.evidence.candidate}.get(variant)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -73,18 +68,37 @@ class RolloutController:
         with self.store.editing():
             state = self.store.load()
             if state is None or state.settings_digest != settings_digest(self.baseline, self.settings):
-                state = self._new_state(now)
-                state.record("start", f"rolling out {self.candidate} against {self.baseline}")
-                self._count("start")
+                state = self._start_over(state, now)
+            elif state.tuning_digest != tuning_digest(self.settings):
+                # New guardrails or durations: same candidate, same steps: keep the step and the evidence.
+                state.tuning_digest = tuning_digest(self.settings)
+                state.record("settings", "rollout settings changed (guardrails, durations or cadence); step kept")
                 self.store.save(state)
-            if state.step_started != getattr(self.state, "step_started", None):
-                self.evidence = StepEvidence()  # a new step (or one an admin restarted): fresh evidence
+            if self.state is not None and state.step_started != self.state.step_started:
+                self.evidence.step_requests = 0  # a new step (or one an admin restarted)
             self.state = state
             if state.status == "running" and now - self._last_tick >= self.settings.evaluate_every_s:
                 self._last_tick = now
                 self.evidence.unavailable_s = now - self._down_since if self._down_since else 0.0
-                self._apply(state, decide(self.settings, self.evidence, now - state.step_started), now)
+                elapsed = now - max(state.step_started, self._evidence_since)
+                self._apply(state, decide(self.settings, self.evidence, elapsed), now)
+                update_bounds(self.settings, self.evidence)
         return self.state
+
+    def _start_over(self, old: RolloutState | None, now: float) -> RolloutState:
+        """A new rollout (first start, or a new candidate, baseline or steps): fresh evidence; the
+        history goes on, and says why."""
+        state = self._new_state(now)
+        why = f"rolling out {self.candidate} against {self.baseline}"
+        if old is not None:
+            state.history = old.history
+            was = f"{old.candidate} against {old.baseline}, steps {', '.join(f'{x:g}' for x in old.steps)}"
+            why += f", steps {', '.join(f'{x:g}' for x in self.settings.steps)} (was {was}: starting over)"
+        state.record("start", why)
+        self.evidence, self._evidence_since = RolloutEvidence(), now
+        self._count("start")
+        self.store.save(state)
+        return state
 
     def _apply(self, state: RolloutState, decision, now: float) -> None:
         if decision.action == "hold":
@@ -101,7 +115,7 @@ class RolloutController:
             action = "promote"
         state.step_started = now
         state.record(action, decision.reason)
-        self.evidence = StepEvidence()
+        self.evidence.step_requests = 0
         self._count(action)
         self.store.save(state)
         self.state = state
@@ -119,7 +133,7 @@ class RolloutController:
             state.step_started = self.clock()  # resume: the step's evidence starts again
             state.record(action, reason)
             self.store.save(state)
-        self.evidence = StepEvidence()
+        self.evidence.step_requests = 0
         self._count(action)
         self.state = state
         return state
@@ -127,7 +141,7 @@ class RolloutController:
     def _new_state(self, now: float) -> RolloutState:
         return RolloutState(model=self.model, baseline=self.baseline, candidate=self.candidate,
                             steps=self.settings.steps, settings_digest=settings_digest(self.baseline, self.settings),
-                            step_started=now)
+                            tuning_digest=tuning_digest(self.settings), step_started=now)
 
     # --- what the ingress does with the state -------------------------------------------------
 
@@ -159,6 +173,9 @@ class RolloutController:
         ev = self.evidence
         return {"candidate": s.candidate, "baseline": s.baseline, "status": s.status, "step": s.step + 1,
                 "steps": s.steps, "candidate_percent": s.percent,
-                "step_evidence": {"candidate_requests": ev.candidate.requests, "candidate_errors": ev.candidate.errors,
-                                  "baseline_requests": ev.baseline.requests, "probes": ev.probes, "matches": ev.matches},
+                "step_evidence": {"candidate_requests": ev.step_requests},
+                "evidence": {"candidate_requests": ev.candidate.requests, "candidate_errors": ev.candidate.failures,
+                             "baseline_requests": ev.baseline.requests, "probes": ev.probes, "matches": ev.matches,
+                             "outcomes": {side: dict(zip(OUTCOMES, map(int, getattr(ev, side).outcomes)))
+                                          for side in ("baseline", "candidate")}},
                 "history": [h.model_dump() for h in s.history]}

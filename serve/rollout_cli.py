@@ -61,11 +61,12 @@ def run(args) -> int:
 
 
 def format_status(s: dict) -> str:
-    ev = s["step_evidence"]
+    ev = s["evidence"]
     lines = [
         f"rollout of {s['candidate']} against {s['baseline']}: {s['status']}, step {s['step']}/{len(s['steps'])} "
         f"(steps {', '.join(f'{x:g}' for x in s['steps'])} %), candidate at {s['candidate_percent']:g} %",
-        f"this step: {ev['candidate_requests']} candidate requests ({ev['candidate_errors']} errors), "
+        f"this step: {s['step_evidence']['candidate_requests']} candidate requests; since the evidence started: "
+        f"{ev['candidate_requests']} candidate requests ({ev['candidate_errors']} failed), "
         f"{ev['baseline_requests']} baseline requests, live agreement {ev['matches']}/{ev['probes']}",
         "history:",
     ]

@@ -13,27 +13,30 @@ class _Strict(BaseModel):
 
 
 class Guardrails(_Strict):
-    """Limits the candidate must keep against the baseline during every step. A breach that is
-    statistically significant (at `significance`) sets the candidate's weight to 0 at once."""
+    """Limits the candidate must keep against the baseline during every step. A breach shown by
+    its always-valid test sets the candidate's weight to 0 at once; the tests share one
+    false-rollback budget, `significance` (docs/ROLLOUT_STATISTICS.md)."""
 
     max_ttft_p95_ratio: float | None = Field(
-        1.5, gt=0, description="Candidate TTFT p95 / baseline TTFT p95 (streamed requests); unset: not checked.")
+        1.5, gt=0, description="Candidate TTFT p95 / baseline TTFT p95 (streamed requests), tested as: more than 5 % of the "
+        "candidate's answered requests are slower than this times the baseline's p95; unset: not checked.")
     max_e2e_p95_ratio: float | None = Field(
-        1.5, gt=0, description="Candidate end-to-end p95 / baseline end-to-end p95; unset: not checked.")
+        1.5, gt=0, description="Candidate end-to-end p95 / baseline end-to-end p95, tested as the TTFT ratio; unset: not checked.")
     max_error_rate: float | None = Field(
-        0.05, ge=0, le=1, description="Candidate error rate (5xx and broken streams) above this, and significantly "
-        "above the baseline's (Fisher's exact test), is a breach; unset: not checked.")
+        0.05, ge=0, le=1, description="Candidate failure rate (5xx, broken streams, timeouts, 429 sheds, and 4xx beyond the "
+        "baseline's 4xx rate) shown above this and above the baseline's rate is a breach; unset: not checked.")
     min_agreement: float | None = Field(
-        None, ge=0, le=1, description="Live agreement floor (the `probe:` block's match fraction): significantly below "
-        "it is a breach, and a step advances only once it is significantly above (Wilson bounds). Needs `probe:`.")
+        None, ge=0, le=1, description="Live agreement floor (the `probe:` block's match fraction): shown below it is a "
+        "breach, and a step advances only once it is shown above it. Needs `probe:`.")
     max_unavailable_s: float = Field(
         30, gt=0, description="The candidate unavailable (engine down, failed) this long is a breach.")
 
 
 class RolloutSettings(_Strict):
     """Shift traffic from `baseline` to `candidate` in `steps`. Each step holds until it has seen
-    `min_requests` candidate requests and `min_seconds`, and advances only when the evidence is
-    significant; any guardrail breach rolls back at once (candidate weight 0) and records why.
+    `min_requests` candidate requests and `min_seconds`, and advances only when every guardrail
+    is shown to be met; any guardrail breach rolls back at once (candidate weight 0) and records why.
+    New guardrails or durations keep the step; a new candidate, baseline or steps start over.
     The two variants share the weight they have in the config (the others keep theirs)."""
 
     candidate: str = Field(description="The variant being rolled out.")
@@ -44,7 +47,9 @@ class RolloutSettings(_Strict):
     )
     min_requests: int = Field(200, ge=1, description="Candidate requests a step must see before it may advance.")
     min_seconds: float = Field(600, ge=0, description="Time a step must last before it may advance.")
-    significance: float = Field(0.05, gt=0, lt=1, description="p-value (and 1 - confidence) of every test.")
+    significance: float = Field(0.05, gt=0, lt=1, description="The probability of rolling back a candidate that keeps every guardrail, over "
+        "the whole rollout however often it is evaluated, shared by the guardrails; also each guardrail's "
+        "probability of being shown met when it sits at its limit.")
     evaluate_every_s: float = Field(5, gt=0, description="How often the evidence is weighed.")
     guardrails: Guardrails = Field(default_factory=Guardrails)
 

@@ -4,8 +4,9 @@ do to the router's weights, and the operator's admin routes.
     GET  /slimserve/rollout/{model}            the rollout's state, step evidence and history
     POST /slimserve/rollout/{model}/{action}   pause | resume | abort | promote, body {"reason": ...}
 
-The admin routes take only an admin key (`ingress.admin_keys_env`; guard.py checks it), never a
-client key; without admin keys they are off."""
+The admin routes take only an admin key (`ingress.admin_keys_env`), never a client key; without
+admin keys they are off. Checked twice: by guard.py's middleware on every path that names
+ADMIN_PREFIX (route prefix or not) and by each route itself (guard.admin_only)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable
 from fastapi import Request
 
 from .ab import Router
-from .guard import error_response
+from .guard import admin_only, error_response
 from .rollout import ADMIN_ACTIONS, RolloutController
 from .rollout_config import RolloutSettings
 from .rollout_state import StateStore
@@ -49,10 +50,11 @@ class Rollouts:
             if c.state is not None:
                 self.router.set_weights({model: c.pair_weights(self.configured[model])})
 
-    def observe(self, labels: dict[str, str], status: str, ttft_s: float | None, e2e_s: float) -> None:
+    def observe(self, labels: dict[str, str], status: str, ttft_s: float | None, e2e_s: float,
+                user: str | None = None) -> None:
         c = self.controllers.get(labels["model"])
         if c is not None:
-            c.observe(labels["variant"], status, ttft_s, e2e_s)
+            c.observe(labels["variant"], status, ttft_s, e2e_s, user)
 
     def probed(self, model: str, variant: str, matched: bool) -> None:
         c = self.controllers.get(model)
@@ -63,8 +65,8 @@ class Rollouts:
         c = self.controllers.get(model)
         return c.summary() if c is not None else None
 
-    def add_admin_routes(self, app) -> None:
-        async def status(model: str):
+    def add_admin_routes(self, app, admin_keys: list[bytes]) -> None:
+        async def status(model: str, request: Request):
             if model not in self.controllers:
                 return _no_rollout(model, self.controllers)
             return self.controllers[model].summary()
@@ -89,8 +91,8 @@ class Rollouts:
             c.set_gauges()
             return c.summary()
 
-        app.add_api_route(ADMIN_PREFIX + "rollout/{model}", status, methods=["GET"])
-        app.add_api_route(ADMIN_PREFIX + "rollout/{model}/{action}", act, methods=["POST"])
+        app.add_api_route(ADMIN_PREFIX + "rollout/{model}", admin_only(status, admin_keys), methods=["GET"])
+        app.add_api_route(ADMIN_PREFIX + "rollout/{model}/{action}", admin_only(act, admin_keys), methods=["POST"])
 
 
 def _no_rollout(model: str, controllers: dict) -> object:

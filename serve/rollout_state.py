@@ -33,7 +33,8 @@ class RolloutState(BaseModel):
     baseline: str
     candidate: str
     steps: list[float]
-    settings_digest: str = Field(description="Of the rollout block: a changed block starts a new rollout.")
+    settings_digest: str = Field(description="Of the baseline, candidate and steps: a change starts a new rollout.")
+    tuning_digest: str = Field("", description="Of the rest of the block (guardrails, durations): a change keeps the step.")
     status: Status = "running"
     step: int = 0
     step_started: float = Field(default_factory=time.time)
@@ -53,8 +54,15 @@ class RolloutState(BaseModel):
 
 
 def settings_digest(baseline: str, settings: RolloutSettings) -> str:
-    data = json.dumps([baseline, settings.model_dump(mode="json")], sort_keys=True)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+    return _digest([baseline, settings.candidate, settings.steps])
+
+
+def tuning_digest(settings: RolloutSettings) -> str:
+    return _digest(settings.model_dump(mode="json", exclude={"candidate", "baseline", "steps"}))
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class StateStore:

@@ -20,7 +20,7 @@ from .engine_facts import engine_gpu_memory_bytes, tree_rss_bytes
 from .handoff import OnLoadSpec, PreparedCheckpoint
 from .metrics import metric
 from .rayllm import FirstChunkAtOnce, adopt_renamed_serving_objects, engine_client
-from .start_lock import one_start_per_node
+from .retry import describe_retry, retry_status
 
 log = logging.getLogger("slimserve.server")
 
@@ -29,6 +29,8 @@ METRICS_INTERVAL_S = 5.0
 
 class SlimServer(FirstChunkAtOnce, LLMServer):
     failure: str | None = None
+    retry: dict[str, Any] | None = None  # while a failed variant waits for (or runs) a retry: retry.retry_status
+    _engine_lost: str | None = None  # the engine failed to start on a retry: Serve replaces the replica
 
     async def start(self):
         self.spec = OnLoadSpec.model_validate(self._llm_config.callback_config.callback_kwargs)
@@ -39,12 +41,9 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
             self._cpu_slot = await asyncio.to_thread(claim_slot, self.spec.who, slots.split(";"))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self._cpu_slot.binding  # read when the engine starts
         try:
-            # The on-load step (optimizing) runs inside start(), before the engine: both hold the lock.
-            async with one_start_per_node(self.spec.who, self.spec.accelerator == "gpu", self.timings):
-                await super().start()
-            adopt_renamed_serving_objects(self)
+            await self._start_once()
         except Exception:
-            failure = self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve_failure")
+            failure, transient = self._failure()
             if failure is None or self.spec.required:
                 raise
             # The on-load step failed before any engine started: stay up without an engine, so
@@ -53,14 +52,78 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
             self.engine = None
             self.failure = failure
             self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+            if transient and self.spec.prepare_retry.attempts:
+                policy = self.spec.prepare_retry  # reported from now on, not only once the task runs
+                self.retry = retry_status(1, policy.attempts, time.time() + policy.delay_s(1), failure)
+                self._retry_task = asyncio.get_running_loop().create_task(self._retry(failure))
             return
-        # Replica start to engine ready: lock wait + on-load step + engine start.
+        self._started(t0)
+        self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def _start_once(self) -> None:
+        """Ray Serve LLM's start: the on-load hook (optimizing; on GPU hosts it then takes the
+        node's engine-start lock, onload.on_after_node_init), then the engine."""
+        custom = self._llm_config.get_or_create_callback().ctx.custom_data
+        try:
+            await super().start()
+        finally:
+            lock = custom.pop("slimserve_start_lock", None)
+            if lock is not None:
+                lock.release()
+            self.timings.update(custom.pop("slimserve_timings", {}))
+        adopt_renamed_serving_objects(self)
+
+    def _failure(self) -> tuple[str | None, bool]:
+        """The on-load step's failure (None: it did not fail), and whether a retry may help."""
+        custom = self._llm_config.get_or_create_callback().ctx.custom_data
+        return custom.get("slimserve_failure"), bool(custom.get("slimserve_failure_transient"))
+
+    def _started(self, t0: float) -> None:
+        # Replica start (or retry) to engine ready: on-load step + lock wait + engine start.
         self.timings["start_seconds"] = round(time.monotonic() - t0, 3)
         prep = self._prepared()
         if prep:
             cache = {True: "hit", False: "miss"}.get(prep.cache_hit, "none")
             metric("slimserve_optimization_runs_total").inc(1, tags={**self.spec.labels, "method": prep.method, "cache": cache})
-        self._report_task = asyncio.get_running_loop().create_task(self._report_forever())
+
+    async def _retry(self, failure: str) -> None:
+        """Try the start again after a transient failure, with backoff, a bounded number of times;
+        the replica reports each wait (slimserve_info -> /v1/models)."""
+        policy, who = self.spec.prepare_retry, self.spec.who
+        for attempt in range(1, policy.attempts + 1):
+            self.retry = retry_status(attempt, policy.attempts, time.time() + policy.delay_s(attempt), failure)
+            log.warning("%s: %s", who, describe_retry(self.retry))
+            await asyncio.sleep(policy.delay_s(attempt))
+            self.retry = retry_status(attempt, policy.attempts, None, failure)
+            metric("slimserve_optimization_retries_total").inc(1, tags=self.spec.labels)
+            t0 = time.monotonic()
+            try:
+                await self._start_once()
+            except Exception as e:
+                self.engine = None
+                failure, transient = self._failure()
+                if failure is None:  # prepared, but the engine failed: as on a first start, Serve's to handle
+                    self._engine_lost = self.failure = f"{type(e).__name__}: {e}"
+                    self.retry = None
+                    log.error("%s: engine failed to start on retry %d: %s", who, attempt, e)
+                    return
+                if not transient:
+                    break
+                continue
+            self.failure = self.retry = None
+            self._started(t0)
+            log.info("%s: prepared and serving on retry %d of %d", who, attempt, policy.attempts)
+            return
+        self.retry = None
+        self.failure = f"{failure}\n(gave up after {attempt} of {policy.attempts} retries)"
+        log.error("%s: variant not served, gave up after %d retries: %s", who, attempt, failure.splitlines()[0])
+
+    async def check_health(self) -> None:
+        if self._engine_lost:
+            raise RuntimeError(f"{self.spec.who}: the engine failed to start on a retry: {self._engine_lost}")
+        if self.failure or self.retry:  # no engine (yet): nothing to check
+            return
+        return await super().check_health()
 
     def _prepared(self) -> PreparedCheckpoint | None:
         return self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve")
@@ -86,10 +149,12 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         """Ray drops a gauge that is not set again within a few export periods, so the gauges
         are set on every round, the unchanging ones too."""
         labels = self.spec.labels
-        checkpoint = Path(self._llm_config.get_engine_config().actual_hf_model_id)
-        sizes = (size_on_disk(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else None
+        sizes = None
         while True:
             try:
+                if sizes is None and not self.failure and not self.retry:  # served (at last, after a retry)
+                    checkpoint = Path(self._llm_config.get_engine_config().actual_hf_model_id)
+                    sizes = (size_on_disk(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else ()
                 metric("slimserve_optimization_failed").set(1 if self.failure else 0, tags=labels)
                 self._report_optimization()
                 if sizes:
@@ -109,6 +174,8 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         prep = self._prepared()
         info: dict[str, Any] = {"optimization": prep.model_dump() if prep else {}, "pid": os.getpid(),
                                 "timings": getattr(self, "timings", {})}
+        if self.retry:
+            info["retrying"] = self.retry
         if self.failure:
             info["failed"] = self.failure
         if vllm_config is not None:

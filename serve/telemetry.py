@@ -12,11 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pydantic import TypeAdapter
+from ray.exceptions import LocalRayletDiedError, NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from .guard import error_json
 from .metrics import metric
 
 log = logging.getLogger("slimserve.telemetry")
+
+# What Ray raises to the ingress when the replica (or the node) serving a request goes away:
+# the actor died or is unreachable (RayActorError: ActorDiedError, ActorUnavailableError), its
+# worker or node crashed, or Serve has no replica left. Not the request's fault, and a retry
+# (after the health probe has seen the variant down, or the replica restarted) can succeed:
+# answered 503 + Retry-After, not 500.
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, LocalRayletDiedError, ObjectLostError,
+                DeploymentUnavailableError, ReplicaUnavailableError)
 
 
 class InFlight:
@@ -166,8 +176,9 @@ def set_variant_gauges(variants: list[tuple[dict[str, str], float, bool]]) -> No
 
 async def finish_after(iterator, timer: RequestTimer):
     """Pass a streamed body through and record the request when it ends, however it ends. If the
-    engine fails mid-stream (its replica died, say), the stream ends with an OpenAI error event
-    and `[DONE]` rather than a cut connection, so clients see why."""
+    engine fails mid-stream, the status (200) is already sent: the stream ends with an OpenAI
+    error event and `[DONE]` (as vLLM ends a stream that fails) rather than a cut connection, so
+    clients see why — code 503 when the replica or its node was lost (retry), else 500."""
     status_label = "200"
     try:
         async for chunk in iterator:
@@ -178,7 +189,13 @@ async def finish_after(iterator, timer: RequestTimer):
     except Exception as e:
         status_label = "error"
         log.error("%s/%s: stream broke: %s", timer.labels["model"], timer.labels["variant"], e)
-        message = f"variant `{timer.labels['variant']}` failed mid-stream ({type(e).__name__}); retry the request"
-        yield f"data: {error_json(500, message, 'InternalServerError').decode()}\n\ndata: [DONE]\n\n"
+        variant = timer.labels["variant"]
+        if isinstance(e, REPLICA_LOST):
+            event = error_json(503, f"variant `{variant}` failed mid-stream: the replica serving it was lost "
+                               f"({type(e).__name__}); retry the request", "server_error")
+        else:
+            event = error_json(500, f"variant `{variant}` failed mid-stream ({type(e).__name__}); retry the request",
+                               "InternalServerError")
+        yield f"data: {event.decode()}\n\ndata: [DONE]\n\n"
     finally:
         timer.finish(status_label)

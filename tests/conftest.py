@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -13,6 +15,12 @@ import pytest
 # Nothing may come from a model hub, in this process or in any Ray worker it starts.
 os.environ["HF_HUB_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parent.parent
+# Every process this test session starts (its Ray clusters, their workers and engines) inherits
+# this marker in its environment: tests count their own processes by it, never machine-wide
+# (other Ray clusters and engines may run on the same machine). A subprocess a test starts can
+# be given a marker of its own (`own_processes(..., marker=)`).
+RUN_MARKER_ENV = "SLIMSERVE_TEST_RUN"
+os.environ[RUN_MARKER_ENV] = uuid.uuid4().hex
 # Serve reports a replica that is not scheduled after 30 s by default; 5 s keeps the
 # unschedulable-variant test short. Set before the session's cluster starts (its controller reads it).
 os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "5")
@@ -25,11 +33,12 @@ use_ray_serve_env()
 
 
 def pytest_collection_modifyitems(items):
-    # The demo test starts and stops its own Ray cluster and needs both cores: run it before
-    # the session cluster exists. Then unit tests, then tests against the shared cluster.
-    # Tests on the shared app (main_app) run before e2e tests that need every core for their own;
-    # among them, those that kill one of its engines last (a restarted engine reports a cache hit,
-    # and others check what the first start did).
+    # One order constraint is real: `standalone` tests start their own Ray cluster (in this
+    # process, or a subprocess that needs every core) and cannot run beside the session cluster,
+    # which lives until the session ends: they run first. The rest only saves time, no test
+    # depends on what another left: unit tests, then tests on the shared app (main_app redeploys
+    # it if an earlier test released it), those that kill one of its engines after them (Serve
+    # restarts it, ~1 min), then e2e tests that release the shared app for their own.
     def rank(item):
         if "standalone" in item.keywords:
             return 0
@@ -40,6 +49,26 @@ def pytest_collection_modifyitems(items):
         return 3
 
     items.sort(key=rank)
+
+
+def own_processes(pattern: str, marker: str | None = None) -> dict[int, str]:
+    """pid -> command line of the live processes matching `pattern` that carry this session's
+    marker (or `marker`) in their environment."""
+    needle = f"{RUN_MARKER_ENV}={marker or os.environ[RUN_MARKER_ENV]}".encode()
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if not re.search(pattern, cmd) or needle not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # exited, not yet reaped: holds no core
+        except (OSError, IndexError):
+            continue
+        found[int(pid)] = cmd[:120]
+    return found
 
 
 def free_port() -> int:

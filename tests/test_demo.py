@@ -9,46 +9,37 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
-from conftest import free_port
+from conftest import RUN_MARKER_ENV, free_port, own_processes
 
 pytestmark = pytest.mark.standalone
 
-LEFTOVER = re.compile(rb"raylet|gcs_server|ray::|EngineCore|VLLM|ServeReplica|ServeController")
+LEFTOVER = r"raylet|gcs_server|ray::|EngineCore|VLLM|ServeReplica|ServeController"
 
 
-def leftover_processes() -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and LEFTOVER.search(cmd):
-            found.append(f"{pid}: {cmd[:120]!r}")
-    return found
+@pytest.fixture
+def demo_env():
+    """The demo's environment, with a marker of its own that every process it starts (Ray's,
+    vLLM's) inherits: what it leaves behind is counted by that marker, not machine-wide (other
+    Ray clusters and engines may run on this machine meanwhile)."""
+    return {**os.environ, RUN_MARKER_ENV: uuid.uuid4().hex}
 
 
-def wait_for_no_leftovers(before: list[str], timeout_s: float = 30) -> list[str]:
-    """Ray/vLLM processes that the demo started and left running (pre-existing ones aside)."""
+def wait_for_no_leftovers(env: dict, timeout_s: float = 30) -> dict[int, str]:
+    """Ray/vLLM processes that the demo started and left running."""
     deadline = time.monotonic() + timeout_s
-    while (left := [p for p in leftover_processes() if p not in before]) and time.monotonic() < deadline:
+    while (left := own_processes(LEFTOVER, marker=env[RUN_MARKER_ENV])) and time.monotonic() < deadline:
         time.sleep(1)
     return left
 
 
-@pytest.fixture
-def before():
-    return leftover_processes()
-
-
-def test_demo_answers_names_the_variant_and_cleans_up(before):
+def test_demo_answers_names_the_variant_and_cleans_up(demo_env):
     r = subprocess.run(
         [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=demo_env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     answer = re.search(r"^answer:\s+(.+)$", r.stdout, re.M)
@@ -60,13 +51,13 @@ def test_demo_answers_names_the_variant_and_cleans_up(before):
     assert 0 < int(ttft.group(1)) < 30_000
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "ready in"):
         assert step in r.stderr
-    assert wait_for_no_leftovers(before) == []
+    assert wait_for_no_leftovers(demo_env) == {}
 
 
-def test_demo_interrupted_while_engines_start_leaves_nothing_behind(before):
+def test_demo_interrupted_while_engines_start_leaves_nothing_behind(demo_env):
     proc = subprocess.Popen(
         [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=demo_env,
     )
     try:
         for line in proc.stdout:  # wait until engines are being started
@@ -79,4 +70,4 @@ def test_demo_interrupted_while_engines_start_leaves_nothing_behind(before):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode in (0, 130, -signal.SIGINT)
-    assert wait_for_no_leftovers(before) == []
+    assert wait_for_no_leftovers(demo_env) == {}

@@ -74,3 +74,10 @@ def test_prometheus_config_passes_promtool():
     result = subprocess.run([exe, "check", "config", "prometheus.yml"], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 1 rule files found" in result.stdout  # slimserve-alerts.yml, through the symlink
+
+
+def test_rollout_config_rolls_int8_out_against_bf16_with_the_agreement_floor():
+    (model,) = _slimserve_config("rollout.yaml").models
+    r = model.rollout
+    assert (r.candidate, r.baseline or model.variants[0].name, r.steps) == ("int8", "bf16", [5, 25, 50, 100])
+    assert r.guardrails.min_agreement == 0.8 and model.probe is not None and r.significance == 0.05

@@ -127,15 +127,14 @@ def test_a_body_that_is_not_json_is_a_400(main_app):
 
 
 def test_a_request_without_max_tokens_gets_the_default(main_app):
-    # An unknown role and no max_tokens once ran to the context limit (67 s on CPU).
+    # A chat request without max_tokens once ran to the context limit (67 s on CPU). With
+    # ignore_eos the model cannot stop first: it is cut at exactly the main app's
+    # ingress.limits.default_max_tokens.
     r = httpx.post(f"{main_app}/v1/chat/completions", timeout=120, json={
-        "model": "smollm2", "messages": [{"role": "narrator", "content": "Tell a long story."}], "temperature": 0})
-    if r.status_code == 200:
-        tokens, finish = r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]
-        # Cut at the main app's ingress.limits.default_max_tokens, unless the model stopped first.
-        assert (tokens, finish) == (48, "length") or (tokens < 48 and finish == "stop"), (tokens, finish)
-    else:
-        assert r.status_code == 400 and "Traceback" not in r.text  # vLLM may refuse the role itself
+        "model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "temperature": 0,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert (r.json()["usage"]["completion_tokens"], r.json()["choices"][0]["finish_reason"]) == (48, "length")
 
 
 @pytest.mark.parametrize("route", ["/v1/embeddings", "/v1/score"])

@@ -174,6 +174,18 @@ def test_worker_count_can_be_set():
     assert group["replicas"] == 5
 
 
+@pytest.mark.parametrize("drain, grace", [(None, 330), (45, 75), (600.5, 631)])
+def test_rayservice_pods_wait_out_the_ingress_drain(drain, grace):
+    """Kubernetes' default 30 s grace would cut streams the ingress drains for up to
+    ingress.drain_timeout_s: every pod's grace is the drain plus 30 s for Serve and Ray."""
+    values = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text()))
+    if drain is not None:
+        values["slimserve"]["ingress"] = {"drain_timeout_s": drain}
+    cluster = one(render(values), "RayService")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert [p["spec"]["terminationGracePeriodSeconds"] for p in pods] == [grace] * len(pods)
+
+
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_rayservice_pods_env_and_cache_mount(name):
     values = values_file(name)
@@ -442,3 +454,45 @@ def test_cache_dir_required():
     # Helm merges the chart's default cache_dir back in; a null removes it.
     values["slimserve"]["cache_dir"] = None
     assert "cache_dir" in render_error(values)
+
+
+# --- networkpolicy.yaml ----------------------------------------------------------------------
+
+RAY_ONLY_PORTS = {6379, 8265, 10001, 52365}  # GCS, dashboard / job API, Ray client, dashboard agent
+
+
+def _rules_reaching(policy: dict, port: int) -> list[dict]:
+    """The ingress rules that let traffic reach `port` (a rule without ports allows every port)."""
+    return [r for r in policy["spec"]["ingress"] if "ports" not in r or any(p["port"] == port for p in r["ports"])]
+
+
+def test_network_policy_opens_only_the_serve_port_to_clients():
+    policy = one(render(), "NetworkPolicy")
+    selector = {"app.kubernetes.io/name": "slimserve", "app.kubernetes.io/instance": RELEASE}
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # The Serve port (and Ray's metrics port) from anywhere: a rule with that port and no `from`.
+    for port in (8000, 8080):
+        assert any("from" not in r for r in _rules_reaching(policy, port)), port
+    # Ray's own ports: only from the cluster's pods or the KubeRay operator, never from anyone.
+    for port in RAY_ONLY_PORTS:
+        rules = _rules_reaching(policy, port)
+        assert rules and all("from" in r for r in rules), (port, rules)
+        peers = [peer for r in rules for peer in r["from"]]
+        assert all(peer.get("podSelector", {}).get("matchLabels") in (selector, {"app.kubernetes.io/name": "kuberay-operator"})
+                   for peer in peers), (port, peers)
+    # 10001 (Ray client) and 6379 (GCS): the cluster's pods only.
+    for port in (6379, 10001):
+        assert [p["podSelector"]["matchLabels"] for r in _rules_reaching(policy, port) for p in r["from"]] == [selector]
+
+
+def test_network_policy_admin_peers_clients_peers_and_off():
+    ops = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ops"}}}]
+    gateway = [{"podSelector": {"matchLabels": {"app": "gateway"}}}]
+    policy = one(render({"networkPolicy": {"adminFrom": ops, "clientsFrom": gateway}}), "NetworkPolicy")
+    assert ops[0] in [p for r in _rules_reaching(policy, 10001) for p in r.get("from", [])]
+    assert ops[0] not in [p for r in _rules_reaching(policy, 6379) for p in r.get("from", [])]
+    serve_rules = [r for r in _rules_reaching(policy, 8000) if "ports" in r]
+    assert [r["from"] for r in serve_rules] == [gateway]
+    assert "NetworkPolicy" not in kinds(render({"networkPolicy": {"enabled": False}}))
+    assert "operatorFrom" in render_error({"networkPolicy": {"operatorFrom": []}})

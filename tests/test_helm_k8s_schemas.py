@@ -13,7 +13,7 @@ from helm_chart import CI_VALUES, crd_validator, one, render, values_file
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
 
 KUBE_VERSION = "1.30.0"  # the chart's kubeVersion is >=1.26
-CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim"}
+CORE_KINDS = {"Service", "Secret", "PersistentVolumeClaim", "NetworkPolicy"}
 CRD_FILES = {
     "RayService": ("ray.io_rayservices.yaml", "v1"),
     "PodMonitor": ("monitoring.coreos.com_podmonitors.yaml", "v1"),

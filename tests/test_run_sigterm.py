@@ -59,12 +59,12 @@ def wait_until_gone(sid: int, timeout_s: float = 30) -> dict[int, str]:
 
 
 class Run:
-    """`slimserve run CONFIG` in its own session; its output read as it comes."""
+    """`slimserve run CONFIG` (or `command`) in its own session; its output read as it comes."""
 
-    def __init__(self, config_path):
+    def __init__(self, config_path, port: int | None = None, command: list[str] | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "slimserve.serve.cli", "run", str(config_path),
-             "--port", str(free_port()), "--metrics-port", str(free_port())],
+            command or [sys.executable, "-m", "slimserve.serve.cli", "run", str(config_path),
+                        "--port", str(port or free_port()), "--metrics-port", str(free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             # Without the test session's Ray Serve settings: `slimserve run` must set its own.
             env={k: v for k, v in os.environ.items() if k not in RAY_SERVE_ENV},
@@ -92,6 +92,17 @@ class Run:
             if text in line:
                 return
         pytest.fail(f"no {text!r} after {timeout_s} s:\n{''.join(self.output)[-3000:]}")
+
+    def stop(self, timeout_s: float = 90) -> None:
+        """SIGTERM, as Kubernetes stops a pod; then whatever of its session is left is killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if wait_until_gone(self.sid, timeout_s=15):
+            self.kill_all()
 
     def kill_all(self):
         for pid in session_processes(self.sid):

@@ -47,6 +47,15 @@ weights leave the args and become the ingress deployment's user_config: Serve ap
 of user_config alone to the live ingress (SlimserveIngress.reconfigure), while a change of args
 rebuilds the application and restarts every engine.
 */}}
+{{/*
+A pod's termination grace: the ingress's drain (slimserve.ingress.drain_timeout_s, 300 s by default
+as in serve/ingress_config.py) plus 30 s for Serve and Ray to shut down after it.
+*/}}
+{{- define "slimserve.terminationGraceSeconds" -}}
+{{- $drain := (.Values.slimserve.ingress | default dict).drain_timeout_s | default 300 -}}
+{{- add (ceil (float64 $drain) | int) 30 -}}
+{{- end -}}
+
 {{- define "slimserve.serveConfig" -}}
 {{- $cfg := required "slimserve: a slimserve config with `models` is required" .Values.slimserve -}}
 {{- $_ := required "slimserve.cache_dir is required: the artifact cache volume is mounted there" $cfg.cache_dir -}}
