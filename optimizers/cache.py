@@ -13,7 +13,11 @@ Layout under the cache root:
     .tmp-<key>-*                    the artifact being written; renamed to <key> when complete
 
 An artifact is served only after every file matches its manifest; one that does not (truncated,
-tampered, half-deleted) is logged, removed and rebuilt.
+tampered, half-deleted) is logged and rebuilt under the build lock: removed first, or, while a
+running engine holds it (`hold`), set aside as `.corrupt-<key>-*` until its holders are gone. Files
+are hashed once per artifact and content: `<key>/slimserve-verified.json` binds the manifest's
+digest to the files' size, mtime, ctime and inode at that moment; while they match, a replica's
+start checks only those (a change through the file system changes ctime).
 
 This module: digests, verification and `ArtifactCache` (lookup, get_or_build). The build lock and
 the in-use holds are in `cache_locks`; listing, eviction, stale clean-up and `slimserve cache` in
@@ -29,10 +33,13 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .cache_locks import IN_USE, MANIFEST, BuildLock, CacheHold, LockTimeout, _touch, describe_holder, hold, read_holder
+from .cache_locks import (
+    IN_USE, MANIFEST, VERIFIED, BuildLock, CacheHold, LockTimeout, _in_use, _touch, describe_holder, hold, read_holder,
+)
 from .cache_upkeep import GIB, CacheUpkeep, Entry, cache_command
 
 __all__ = [
@@ -75,8 +82,36 @@ def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
 def _relative_files(folder: Path) -> list[str]:
     return sorted(
         rel for p in folder.rglob("*")
-        if p.is_file() and p.name != MANIFEST and (rel := p.relative_to(folder).as_posix()) != IN_USE
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(VERIFIED)
+        and (rel := p.relative_to(folder).as_posix()) != IN_USE
     )
+
+
+def _stats(folder: Path, rels) -> dict[str, list[int]]:
+    out = {}
+    for rel in rels:
+        st = (folder / rel).stat()
+        out[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return out
+
+
+def _verified_before(folder: Path, manifest_digest: str, expected: dict[str, Any]) -> bool:
+    """Whether the marker says these very files were hashed against this very manifest."""
+    try:
+        marker = json.loads((folder / VERIFIED).read_text())
+        return (marker.get("manifest_sha256") == manifest_digest and set(_relative_files(folder)) == set(expected)
+                and marker.get("files") == _stats(folder, expected))
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_verified(folder: Path, manifest_digest: str, rels) -> None:
+    tmp = folder / f"{VERIFIED}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps({"manifest_sha256": manifest_digest, "files": _stats(folder, rels)}))
+        os.replace(tmp, folder / VERIFIED)
+    except OSError as e:  # a read-only cache: verified again next time
+        log.debug("cannot record the verification of %s: %s", folder, e)
 
 
 class CorruptArtifact(Exception):
@@ -84,12 +119,17 @@ class CorruptArtifact(Exception):
 
 
 def verify(folder: Path) -> dict[str, Any]:
-    """Return the manifest of `folder` after checking every file against it."""
+    """Return the manifest of `folder` after checking every file against it (hashing them only
+    when they are not the files verified before against this manifest)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
+        raw = (folder / MANIFEST).read_bytes()
+        manifest = json.loads(raw)
         expected = manifest["files"]
     except (OSError, ValueError, KeyError) as e:
         raise CorruptArtifact(f"{folder}: manifest missing or unreadable ({e})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if _verified_before(folder, digest, expected):
+        return manifest
     for rel, want in expected.items():
         p = folder / rel
         if not p.is_file():
@@ -101,6 +141,7 @@ def verify(folder: Path) -> dict[str, Any]:
     extra = set(_relative_files(folder)) - set(expected)
     if extra:
         raise CorruptArtifact(f"{folder}: files not in the manifest: {sorted(extra)}")
+    _mark_verified(folder, digest, expected)
     return manifest
 
 
@@ -115,16 +156,27 @@ class ArtifactCache(CacheUpkeep):
         return self.root / key
 
     def lookup(self, key: str) -> dict[str, Any] | None:
-        """The verified manifest of a cached artifact, or None (a corrupt one is removed)."""
+        """The verified manifest of a cached artifact, or None (missing or corrupt; a corrupt one
+        is left where it is: get_or_build replaces it under the build lock)."""
         folder = self.path(key)
         if not folder.exists():
             return None
         try:
             return verify(folder)
         except CorruptArtifact as e:
-            log.warning("corrupt cached artifact, rebuilding: %s", e)
-            self._discard(folder)
+            log.warning("corrupt cached artifact, to be rebuilt: %s", e)
             return None
+
+    def _set_aside(self, folder: Path) -> None:
+        """Out of the way of a rebuild (called under the key's build lock): removed, unless an
+        engine holds it (it was verified when that engine started); then renamed to
+        `.corrupt-<key>-*` for clean_stale to remove once nobody holds it."""
+        if not folder.exists() or self._evict(folder):
+            return
+        aside = folder.with_name(f".corrupt-{folder.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, aside)
+        log.error("corrupt cached artifact %s is in use by a running engine: kept as %s until it is released",
+                  folder.name, aside.name)
 
     def get_or_build(
         self, key: str, build: Callable[[Path], dict[str, Any]], info: dict[str, Any],
@@ -146,6 +198,7 @@ class ArtifactCache(CacheUpkeep):
             if manifest is not None:
                 _touch(self.path(key))
                 return self.path(key), manifest, True
+            self._set_aside(self.path(key))  # corrupt (or half there): never served, rebuilt below
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
             try:
                 t0 = time.monotonic()
@@ -159,11 +212,11 @@ class ArtifactCache(CacheUpkeep):
                     "files": file_digests(tmp),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                # Just hashed: the first start that uses it need not hash it again.
+                _mark_verified(tmp, hashlib.sha256((tmp / MANIFEST).read_bytes()).hexdigest(), manifest["files"])
                 (tmp / IN_USE).touch()
                 tmp.chmod(0o755)
                 final = self.path(key)
-                if final.exists():
-                    self._discard(final)
                 os.rename(tmp, final)  # atomic: readers see nothing or the whole artifact
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,9 @@ log = logging.getLogger("slimserve.optimizers.cache")  # the cache's logger, as 
 
 MANIFEST = "slimserve-manifest.json"
 IN_USE = "slimserve-in-use.lock"  # inside an artifact: shared lock while served; mtime = last use
+# Inside an artifact: its files were hashed against this manifest and matched; the files' stat
+# (size, mtime, ctime, inode) then, so a later start need not hash gigabytes again (cache.verify).
+VERIFIED = "slimserve-verified.json"
 
 
 class LockTimeout(TimeoutError):

@@ -162,6 +162,9 @@ class CacheUpkeep:
             elif n.startswith(".trash-"):
                 shutil.rmtree(self.root / n, ignore_errors=True)
                 removed.append(n)
+            elif n.startswith(".corrupt-") and not _in_use(self.root / n):  # set aside; its engines are gone
+                shutil.rmtree(self.root / n, ignore_errors=True)
+                removed.append(n)
             elif n.startswith(".base-digests.") and n.endswith(".tmp"):
                 try:
                     if time.time() - (self.root / n).stat().st_mtime > _STALE_MEMO_S:
@@ -196,15 +199,6 @@ class CacheUpkeep:
         if removed:
             log.info("artifact cache %s: removed stale %s", self.root, ", ".join(removed))
         return removed
-
-    def _discard(self, folder: Path) -> None:
-        # Rename first so a reader never sees a half-deleted folder under the real key.
-        trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(folder, trash)
-        except OSError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 # --- `slimserve cache ls | prune` ------------------------------------------------------------

@@ -169,13 +169,13 @@ class RolloutController:
         """The state for /v1/models and the admin route."""
         s = self.state
         if s is None:
-            return {}
+            return self.store.annotate({})
         ev = self.evidence
-        return {"candidate": s.candidate, "baseline": s.baseline, "status": s.status, "step": s.step + 1,
+        return self.store.annotate({"candidate": s.candidate, "baseline": s.baseline, "status": s.status, "step": s.step + 1,
                 "steps": s.steps, "candidate_percent": s.percent,
                 "step_evidence": {"candidate_requests": ev.step_requests},
                 "evidence": {"candidate_requests": ev.candidate.requests, "candidate_errors": ev.candidate.failures,
                              "baseline_requests": ev.baseline.requests, "probes": ev.probes, "matches": ev.matches,
                              "outcomes": {side: dict(zip(OUTCOMES, map(int, getattr(ev, side).outcomes)))
                                           for side in ("baseline", "candidate")}},
-                "history": [h.model_dump() for h in s.history]}
+                "history": [h.model_dump() for h in s.history]})  # + the state file's error, if any

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, Field
 
 from .rollout_config import RolloutSettings
+
+log = logging.getLogger("slimserve.rollout")
+ROLLOUT_ADMIN_PATH = "/slimserve/rollout"  # rollout_routes.py's admin routes
 
 Status = Literal["running", "paused", "promoted", "rolled_back", "aborted"]
 
@@ -66,19 +70,61 @@ def _digest(data) -> str:
 
 
 class StateStore:
-    """`{folder}/{app}--{model}.json`, written atomically under `.write.lock`; `.lead.lock` is
-    held by the leading replica for its life (the kernel releases it when the process dies)."""
+    """`{folder}/{app}--{model}.json`, written atomically and durably under `.write.lock`;
+    `.lead.lock` is held by the leading replica for its life (the kernel releases it when the
+    process dies).
+
+    A state file that cannot be read (a disk fault, a hand edit) is the operator's to resolve,
+    never silently replaced by a fresh rollout (which could send traffic again to a candidate that
+    was rolled back): it is logged once, shown as `error` in the rollout's summary (the admin
+    GET), nobody leads meanwhile, and removing the file or an admin action (abort, promote),
+    which writes a new state, ends it."""
 
     def __init__(self, folder: Path, app: str, model: str):
         self.folder = folder
         self.path = folder / f"{app}--{model}.json"
         self._lead_fd: int | None = None
+        self.problem: str | None = None  # why the state file cannot be read, for the summary
+        self._reported: tuple | None = None  # the corrupt file's (size, mtime) that was logged
 
     def load(self) -> RolloutState | None:
+        """The stored state; None when there is none or it cannot be read (see `problem`)."""
         try:
-            return RolloutState.model_validate_json(self.path.read_text())
+            raw = self.path.read_text()
+            state = RolloutState.model_validate_json(raw)
         except FileNotFoundError:
+            self._resolved()
             return None
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or a pydantic ValidationError
+            self._corrupt(e)
+            return None
+        self._resolved()
+        return state
+
+    def _corrupt(self, error: Exception) -> None:
+        first = str(error).splitlines()[0]
+        self.problem = (
+            f"the rollout state file {self.path} cannot be read ({type(error).__name__}: {first}); the rollout "
+            f"is stuck where it was until an operator acts: remove the file (the rollout starts again from its "
+            f"first step) or POST {ROLLOUT_ADMIN_PATH}/{{model}}/abort (or /promote), which writes a new state"
+        )
+        try:
+            st = self.path.stat()
+            seen = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        if seen != self._reported:  # once per corrupt content, not every tick
+            self._reported = seen
+            log.error("%s", self.problem)
+
+    def _resolved(self) -> None:
+        if self.problem is not None:
+            log.info("rollout state file %s is readable again", self.path)
+        self.problem, self._reported = None, None
+
+    def annotate(self, summary: dict) -> dict:
+        """The rollout's summary, with the state file's problem when there is one."""
+        return {**summary, "error": self.problem} if self.problem else summary
 
     @contextlib.contextmanager
     def editing(self) -> Iterator[None]:
@@ -92,12 +138,26 @@ class StateStore:
             os.close(fd)
 
     def save(self, state: RolloutState) -> None:
+        """Atomic and durable: a crash or power loss leaves the old state or the new, whole."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(state.model_dump_json(indent=2))
+        with open(tmp, "w") as f:
+            f.write(state.model_dump_json(indent=2))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        fd = os.open(self.folder, os.O_RDONLY)  # the rename itself, on disk
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._resolved()
 
     def lead(self) -> bool:
-        """True while this process leads: takes the lead lock if it is free, keeps it after."""
+        """True while this process leads: takes the lead lock if it is free, keeps it after.
+        False while the state file cannot be read: no decision is made on a state nobody knows."""
+        if self.path.exists() and self.load() is None and self.problem:
+            return False
         if self._lead_fd is not None:
             return True
         self.folder.mkdir(parents=True, exist_ok=True)

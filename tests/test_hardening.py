@@ -186,3 +186,35 @@ def test_variant_ids_are_refused_when_forcing_is_off(main_app, session_cache):
         assert ok.status_code == 200  # the header is ignored, the split decides
     finally:
         deploy_and_wait(main_config(session_cache), MAIN_APP)
+
+
+def test_with_forcing_off_the_client_cannot_choose_its_variant_by_user_name(main_app, session_cache):
+    """`allow_forced_variant: false` makes the API key the sticky identity (ingress.sticky_user_from
+    defaults to `api_key` then): two user names that the rendezvous hash sends to different
+    variants reach the same variant under one key, and each key keeps its variant."""
+    from slimserve.serve.ab import TrafficSplit, VariantRoute
+
+    split = TrafficSplit([VariantRoute("baseline", "smollm2--baseline", 70), VariantRoute("int8", "smollm2--int8", 30)])
+    by_variant = {}
+    for i in range(200):  # user names the header would route to each variant
+        by_variant.setdefault(split.pick(f"user-{i}").variant, f"user-{i}")
+    assert set(by_variant) == {"baseline", "int8"}
+    deploy_and_wait(main_config(session_cache, ingress={"allow_forced_variant": False, "api_keys_env": TEST_API_KEYS_ENV}),
+                    MAIN_APP)
+    try:
+        t0 = time.monotonic()
+        while httpx.get(f"{main_app}/v1/models", timeout=30).status_code != 401:
+            assert time.monotonic() - t0 < 120, "the ingress with API keys did not take over"
+            time.sleep(1)
+        for key in ("sk-test-one", "sk-test-two"):
+            seen = set()
+            for user in by_variant.values():
+                for where in ("header", "body"):
+                    r = httpx.post(f"{main_app}/v1/completions", timeout=60, json={
+                        "model": "smollm2", "prompt": "x", "max_tokens": 1, **({"user": user} if where == "body" else {})},
+                        headers={"authorization": f"Bearer {key}", **({"x-slimserve-user": user} if where == "header" else {})})
+                    assert r.status_code == 200, r.text
+                    seen.add(r.headers["x-slimserve-variant"])
+            assert len(seen) == 1, (key, seen)
+    finally:
+        deploy_and_wait(main_config(session_cache), MAIN_APP)
