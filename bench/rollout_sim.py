@@ -4,7 +4,7 @@ one, and how many candidate requests that costs. Runs the real code (`decide`, t
 bookkeeping, `update_bounds`) at the ingress's cadence over whole rollouts, or HEAD's decision
 code (--before: read with `git show HEAD:...` into a temporary module, not kept in the repo).
 
-    .venv/bin/python bench/rollout_sim.py [--rollouts 1000] [--rates 1,10,100] [--before]
+    .venv/bin/python bench/rollout_sim.py [--rollouts 1000] [--rates 1,10,100] [--scenarios 0,2] [--users N] [--before [REV]]
 
 Traffic: Poisson arrivals; e2e latency lognormal (median 0.5 s, sigma 0.5), half the requests
 streamed with TTFT lognormal (median 0.1 s, sigma 0.5); 1 % server errors on both variants;
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class Scenario:
     error_rate: float = BASE_ERRORS
     agreement: float = 0.98
     sticky: bool = False
+    users: int = 300  # sticky: how many users (at the first step, 5 %, about 1 in 20 are the candidate's)
 
 
 SCENARIOS = [
@@ -69,13 +70,13 @@ def planned_s(s: RolloutSettings, rate: float) -> float:
     return sum(max(s.min_seconds, s.min_requests / (rate * p / 100)) for p in s.steps)
 
 
-def head_module():
-    """HEAD's rollout_evidence (and the ab_report it imports), as a temporary module."""
+def head_module(rev: str = "HEAD"):
+    """A revision's rollout_evidence (and the modules of its own it imports), as a temporary module."""
     tmp = Path(tempfile.mkdtemp(prefix="rollout_head_"))
-    for name in ("rollout_evidence", "ab_report"):
-        src = subprocess.run(["git", "show", f"HEAD:serve/{name}.py"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout
-        src = src.replace("from .ab_report import", "from _head_ab_report import")
+    for name in ("rollout_evidence", "ab_report", "rollout_sequential"):
+        src = subprocess.run(["git", "show", f"{rev}:serve/{name}.py"], cwd=REPO, capture_output=True, text=True).stdout
+        for mine in ("ab_report", "rollout_sequential", "rollout_evidence"):
+            src = src.replace(f"from .{mine} import", f"from _head_{mine} import")
         src = src.replace("from .", "from slimserve.serve.")
         (tmp / f"_head_{name}.py").write_text(src)
     sys.path.insert(0, str(tmp))
@@ -87,41 +88,57 @@ def head_module():
 
 
 class Traffic:
-    """One rollout's synthetic requests, tick by tick."""
+    """One rollout's synthetic requests, tick by tick; drawn with numpy a chunk of ticks at a time
+    (the side a request goes to is decided per tick, from the step's share)."""
+
+    CHUNK = 64  # ticks per draw
 
     def __init__(self, sc: Scenario, rate: float, rng: np.random.Generator):
         self.sc, self.rate, self.rng = sc, rate, rng
         if sc.sticky:
-            activity = 1 / np.arange(1, USERS + 1) ** 0.8
+            activity = 1 / np.arange(1, sc.users + 1) ** 0.8
             self.p_user = activity / activity.sum()
-            self.u_user = rng.random(USERS)
-            self.lat_user = rng.lognormal(0, 0.4, USERS)
+            self.u_user = rng.random(sc.users)
+            self.lat_user = rng.lognormal(0, 0.4, sc.users)
+        self._ticks = []
+
+    def _draw(self) -> None:
+        rng, sc, k = self.rng, self.sc, self.CHUNK
+        sizes = rng.poisson(self.rate * TICK_S, k)
+        n = int(sizes.sum())
+        if sc.sticky:
+            users = rng.choice(sc.users, n, p=self.p_user)
+            u, factor, clusters = self.u_user[users], self.lat_user[users], users % new.CLUSTERS
+        else:
+            u, factor, clusters = rng.random(n), np.ones(n), rng.integers(0, new.CLUSTERS, n)
+        e2e = rng.lognormal(np.log(0.5), 0.5, n) * factor
+        ttft = np.where(rng.random(n) < 0.5, rng.lognormal(np.log(0.1), 0.5, n) * factor, np.nan)
+        fail_u = rng.random(n)
+        probes = rng.poisson(self.rate * TICK_S * PROBE_SAMPLE, k)
+        matches = rng.binomial(probes, self.sc.agreement)
+        edges = np.concatenate([[0], np.cumsum(sizes)])
+        self._ticks = [(u[a:b], e2e[a:b], ttft[a:b], fail_u[a:b], clusters[a:b], int(p), int(m))
+                       for a, b, p, m in zip(edges[:-1], edges[1:], probes, matches)][::-1]
 
     def tick(self, share: float):
         """(side, kinds, ttft, e2e, clusters) per variant, and (probes, matches)."""
-        rng, sc = self.rng, self.sc
-        n = rng.poisson(self.rate * TICK_S)
-        if sc.sticky:
-            users = rng.choice(USERS, n, p=self.p_user)
-            cand = self.u_user[users] < share
-            factor = self.lat_user[users]
-            clusters = users % new.CLUSTERS
-        else:
-            cand = rng.random(n) < share
-            factor = np.ones(n)
-            clusters = rng.integers(0, new.CLUSTERS, n)
-        scale = np.where(cand, sc.latency_x, 1.0) * factor
-        e2e = rng.lognormal(np.log(0.5), 0.5, n) * scale
-        ttft = np.where(rng.random(n) < 0.5, rng.lognormal(np.log(0.1), 0.5, n) * scale, np.nan)
-        fail = rng.random(n) < np.where(cand, sc.error_rate, BASE_ERRORS)
+        if not self._ticks:
+            self._draw()
+        u, e2e, ttft, fail_u, clusters, probes, matches = self._ticks.pop()
+        sc = self.sc
+        cand = u < share
+        if sc.latency_x != 1.0:
+            scale = np.where(cand, sc.latency_x, 1.0)
+            e2e, ttft = e2e * scale, ttft * scale
+        fail = fail_u < np.where(cand, sc.error_rate, BASE_ERRORS)
         kinds = np.where(fail, new.SERVER, new.OK)
         sides = [(side, kinds[m], ttft[m], e2e[m], clusters[m]) for side, m in (("baseline", ~cand), ("candidate", cand))]
-        probes = rng.poisson(self.rate * TICK_S * PROBE_SAMPLE)
-        return sides, probes, rng.binomial(probes, sc.agreement)
+        return sides, probes, matches
 
 
-def run_new(s: RolloutSettings, traffic: Traffic, horizon_s: float):
-    ev, step, started, t = new.RolloutEvidence(), 0, 0.0, 0.0
+def run_new(s: RolloutSettings, traffic: Traffic, horizon_s: float, mod=new):
+    """The working tree's controller loop (or another revision's with the same API, `mod`)."""
+    ev, step, started, t = mod.RolloutEvidence(), 0, 0.0, 0.0
     while t < horizon_s:
         t += TICK_S
         sides, probes, matches = traffic.tick(s.steps[step] / 100)
@@ -129,8 +146,8 @@ def run_new(s: RolloutSettings, traffic: Traffic, horizon_s: float):
             ev.add_batch(side, *data)
         ev.probes += probes
         ev.matches += matches
-        d = new.decide(s, ev, t - started)
-        new.update_bounds(s, ev)
+        d = mod.decide(s, ev, t - started)
+        mod.update_bounds(s, ev)
         if d.action == "rollback":
             return "rollback", step, t, ev.candidate.requests
         if d.action == "advance":
@@ -172,7 +189,12 @@ def simulate(sc: Scenario, rate: float, rollouts: int, before=None, seed: int = 
     out = []
     for i in range(rollouts):
         traffic = Traffic(sc, rate, np.random.default_rng([seed, i, int(rate * 10)]))
-        out.append(run_before(before, s, traffic, horizon) if before else run_new(s, traffic, horizon))
+        if before is None:
+            out.append(run_new(s, traffic, horizon))
+        elif hasattr(before, "StepEvidence"):  # before issue 26: per-step evidence
+            out.append(run_before(before, s, traffic, horizon))
+        else:
+            out.append(run_new(s, traffic, horizon, before))
     last = len(s.steps) - 1
     rolled = [r for r in out if r[0] == "rollback"]
     early = [r for r in rolled if r[1] < last]
@@ -192,15 +214,20 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=1000)
     ap.add_argument("--rates", default="1,10,100")
     ap.add_argument("--scenarios", default="", help="comma-separated indices into SCENARIOS (default: all)")
-    ap.add_argument("--before", action="store_true", help="HEAD's decision code instead of the working tree's")
+    ap.add_argument("--before", nargs="?", const="HEAD", metavar="REV",
+                    help="that revision's decision code (default HEAD) instead of the working tree's")
     ap.add_argument("--json", type=Path, help="append one JSON line per scenario here")
+    ap.add_argument("--users", type=int, help="the sticky scenarios' number of users (default 300)")
     a = ap.parse_args()
-    old = head_module() if a.before else None
+    old = head_module(a.before) if a.before else None
     picked = [SCENARIOS[int(i)] for i in a.scenarios.split(",")] if a.scenarios else SCENARIOS
+    if a.users:
+        picked = [replace(sc, users=a.users, name=sc.name.replace("sticky", f"{a.users} sticky")) if sc.sticky else sc
+                  for sc in picked]
     for rate in map(float, a.rates.split(",")):
         for sc in picked:
             t0 = time.time()
-            r = {**simulate(sc, rate, a.rollouts, old), "code": "before" if a.before else "after",
+            r = {**simulate(sc, rate, a.rollouts, old), "code": a.before or "working tree",
                  "seconds": round(time.time() - t0, 1)}
             print(json.dumps(r), flush=True)
             if a.json:

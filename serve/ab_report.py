@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .rollout_evidence import Q, _count_needed
-from .rollout_sequential import more_needed, p_value, rejects
+from .rollout_evidence import Q
+from .rollout_sequential import count_needed, more_needed, p_value, rejects
 
 ALPHA = 0.05
 MIN_REQUESTS = 30  # fewer per variant: no verdict
@@ -170,7 +170,7 @@ def tail_test(base: list[tuple[float, float]], cand: list[tuple[float, float]]) 
         return None
     bounds = np.array([b for b, _ in base[:-1]])
     counts = np.diff([0.0] + [c for _, c in base])
-    i = int(np.searchsorted(np.cumsum(counts[:-1]), _count_needed(int(sum(counts)), ALPHA / 4) or math.inf))
+    i = int(np.searchsorted(np.cumsum(counts[:-1]), count_needed(int(sum(counts)), Q, ALPHA / 4) or math.inf))
     # Faster is judged above the baseline's p95 lower bound: the last bound shown under it.
     below = [k for k, c in enumerate(np.cumsum(counts[:-1])) if rejects(c, sum(counts), Q, False, ALPHA / 4)]
     n = cand[-1][1]

@@ -38,6 +38,7 @@ class RolloutController:
         self._down_since: float | None = None
         self._seen_up = False  # a candidate still loading is not "unavailable": only one that was up
         self._last_tick = -float("inf")
+        self.last_decision = None  # the latest look's Decision: a hold says what it waits for (summary)
 
     # --- evidence, fed by the ingress ------------------------------------------------------
 
@@ -81,7 +82,8 @@ class RolloutController:
                 self._last_tick = now
                 self.evidence.unavailable_s = now - self._down_since if self._down_since else 0.0
                 elapsed = now - max(state.step_started, self._evidence_since)
-                self._apply(state, decide(self.settings, self.evidence, elapsed), now)
+                self.last_decision = decide(self.settings, self.evidence, elapsed)
+                self._apply(state, self.last_decision, now)
                 update_bounds(self.settings, self.evidence)
         return self.state
 
@@ -174,6 +176,9 @@ class RolloutController:
         return self.store.annotate({"candidate": s.candidate, "baseline": s.baseline, "status": s.status, "step": s.step + 1,
                 "steps": s.steps, "candidate_percent": s.percent,
                 "step_evidence": {"candidate_requests": ev.step_requests},
+                # Worded here, not every look: a hold's reason searches for how much more it needs.
+                "last_decision": ({"action": self.last_decision.action, "reason": self.last_decision.reason}
+                                  if self.last_decision is not None and s.status == "running" else None),
                 "evidence": {"candidate_requests": ev.candidate.requests, "candidate_errors": ev.candidate.failures,
                              "baseline_requests": ev.baseline.requests, "probes": ev.probes, "matches": ev.matches,
                              "outcomes": {side: dict(zip(OUTCOMES, map(int, getattr(ev, side).outcomes)))

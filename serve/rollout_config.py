@@ -43,7 +43,10 @@ class RolloutSettings(_Strict):
     baseline: str | None = Field(None, description="The variant it replaces; unset: the first variant.")
     steps: list[float] = Field(
         default_factory=lambda: [5, 25, 50, 100],
-        description="The candidate's percentage of the two variants' traffic at each step, rising, ending at 100.",
+        description="The candidate's percentage of the two variants' traffic at each step, rising, ending at 100. "
+        "With sticky users (the model's `sticky`, on by default) a step's evidence is about the users it puts on the "
+        "candidate: a first step that reaches only a few users' worth of traffic can hold without showing a regression "
+        "either way (the hold's reason says how many; docs/ROLLOUT_STATISTICS.md#users).",
     )
     min_requests: int = Field(200, ge=1, description="Candidate requests a step must see before it may advance.")
     min_seconds: float = Field(600, ge=0, description="Time a step must last before it may advance.")

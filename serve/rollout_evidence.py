@@ -13,17 +13,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 
 from .rollout_config import RolloutSettings
-from .rollout_sequential import design_effect, log_evidence, more_needed, rejects
+from .rollout_sequential import count_needed, design_effect, log_evidence, more_needed, rejects
 
 OUTCOMES = ("ok", "client_error", "shed", "server_error", "timeout")
 OK, CLIENT, SHED, SERVER, TIMEOUT = range(len(OUTCOMES))
-FAILURES = (SHED, SERVER, TIMEOUT)
+FAILURES = (SHED, SERVER, TIMEOUT)  # the last classes: a slice [SHED:] counts them
 CLUSTERS = 64  # users are hashed into this many groups for the design effect
 # Per cluster: requests, failures, client errors, then per latency: answered requests, and those
 # over the threshold in force when they finished.
@@ -32,6 +31,7 @@ LATENCY_COLUMNS = {"ttft": (TTFT_N, TTFT_OVER), "e2e": (E2E_N, E2E_OVER)}
 # Fine log-spaced buckets (5 % apart, 5 ms to 20 min): the p95 bound is off by at most a bucket.
 BOUNDS = np.geomspace(0.005, 1200, 256)
 Q = 0.95  # the latency guardrails are about the p95
+REBOUND_GROWTH = 1.02  # the baseline's p95 bound is recomputed once its samples grew by 2 %
 
 
 def outcome_of(status: str) -> int | None:
@@ -92,7 +92,7 @@ class VariantEvidence:
 
     @property
     def failures(self) -> int:
-        return int(self.outcomes[list(FAILURES)].sum())
+        return int(self.outcomes[SHED:].sum())  # FAILURES
 
     errors = failures
 
@@ -112,6 +112,7 @@ class RolloutEvidence:
     # ratio: a request is counted over the threshold in force when it finished (update_bounds).
     bound: dict[str, float | None] = field(default_factory=dict)
     ratio: dict[str, float] = field(default_factory=dict)
+    bounded_at: dict[str, tuple] = field(default_factory=dict)  # (baseline samples, alpha) at each bound
     _anonymous: int = 0
 
     def record(self, side: str, status: str, ttft_s: float | None, e2e_s: float, user: str | None = None) -> None:
@@ -147,24 +148,24 @@ class RolloutEvidence:
     def add_batch(self, side: str, kinds: np.ndarray, ttft: np.ndarray, e2e: np.ndarray, clusters: np.ndarray) -> None:
         """Many finished requests at once (the simulator): outcome classes, latencies (NaN:
         none) and cluster indices, as record() would add them one by one."""
+        if not len(kinds):
+            return
         v: VariantEvidence = getattr(self, side)
         v.outcomes += np.bincount(kinds, minlength=len(OUTCOMES))
-        count = lambda idx, w=None: np.bincount(idx, w, minlength=CLUSTERS)  # noqa: E731
-        v.clusters[:, REQ] += count(clusters)
-        v.clusters[:, FAIL] += count(clusters, np.isin(kinds, FAILURES))
-        v.clusters[:, CLI] += count(clusters, kinds == CLIENT)
         if side == "candidate":
             self.step_requests += len(kinds)
+        # Every (cluster, column) increment as one index, counted by one bincount.
+        cells = [clusters * 7 + REQ, clusters[kinds >= SHED] * 7 + FAIL, clusters[kinds == CLIENT] * 7 + CLI]
         ok = kinds == OK
         for name, x in (("ttft", ttft), ("e2e", e2e)):
-            use = ok & ~np.isnan(x)
-            h = getattr(v, name)
-            h.counts += np.bincount(np.searchsorted(h.bounds, x[use]), minlength=len(h.counts))
+            use = ok & (x == x)  # not NaN
+            h, xs, ks = getattr(v, name), x[use], clusters[use]
+            h.counts += np.bincount(np.searchsorted(h.bounds, xs), minlength=len(h.counts))
             threshold = self.threshold(side, name)
             if threshold is not None:
                 n_col, over_col = LATENCY_COLUMNS[name]
-                v.clusters[:, n_col] += count(clusters[use])
-                v.clusters[:, over_col] += count(clusters[use], x[use] > threshold)
+                cells += [ks * 7 + n_col, ks[xs > threshold] * 7 + over_col]
+        v.clusters += np.bincount(np.concatenate(cells), minlength=CLUSTERS * 7).reshape(CLUSTERS, 7)
 
     def threshold(self, side: str, name: str) -> float | None:
         bound = self.bound.get(name)
@@ -176,7 +177,11 @@ class RolloutEvidence:
 @dataclass(frozen=True)
 class Decision:
     action: Literal["hold", "advance", "rollback"]
-    reason: str
+    why: str | Callable[[], str]  # a hold's reason is worded only when read (it searches for "how much more")
+
+    @property
+    def reason(self) -> str:
+        return self.why() if callable(self.why) else self.why
 
 
 def budget(settings: RolloutSettings) -> float:
@@ -194,34 +199,28 @@ def update_bounds(settings: RolloutSettings, ev: RolloutEvidence) -> None:
         if ratio is None:
             continue
         h = getattr(ev.baseline, name)
+        ev.ratio[name] = ratio
+        n, (was, was_alpha) = h.n, ev.bounded_at.get(name, (0, None))
+        if was_alpha == alpha and ev.bound.get(name) is not None and n < was * REBOUND_GROWTH:
+            continue  # the bound in force stays valid (time-uniform); re-bound after 2 % more samples
+        ev.bounded_at[name] = (n, alpha)
         n_col, over_col = LATENCY_COLUMNS[name]
         deff = design_effect(ev.baseline.clusters[:, n_col], ev.baseline.clusters[:, over_col])
         n_eff = math.ceil(h.n / deff)  # rounded up: fewer samples would claim more
-        need = _count_needed(n_eff, alpha)
+        need = count_needed(n_eff, Q, alpha)
         cum = np.cumsum(h.counts[:-1]) / deff
         i = int(np.searchsorted(cum, need)) if need is not None else len(h.bounds)
         ev.bound[name] = float(h.bounds[i]) if i < len(h.bounds) else None
-        ev.ratio[name] = ratio
-
-
-@lru_cache(maxsize=65536)
-def _count_needed(n: int, alpha: float) -> float | None:
-    """The smallest count of n below x that shows F(x) > Q (so x bounds the Q-quantile from
-    above, time-uniformly: a quantile confidence sequence, Howard & Ramdas 2022)."""
-    if n <= 0 or not rejects(n, n, Q, True, alpha):
-        return None
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if rejects(mid, n, Q, True, alpha) else (mid + 1, hi)
-    return float(lo)
 
 
 @dataclass(frozen=True)
 class _Check:
     breach: str | None  # why it is a breach (rollback), or None
     met: bool  # shown within its limit: lets the step advance
-    summary: str  # what it stands at (the hold's or the advance's reason)
+    summary: str | Callable[[], str]  # what it stands at (the hold's or the advance's reason)
+
+    def text(self) -> str:
+        return self.summary() if callable(self.summary) else self.summary
 
 
 def decide(settings: RolloutSettings, ev: RolloutEvidence, elapsed_s: float) -> Decision:
@@ -244,16 +243,25 @@ def decide(settings: RolloutSettings, ev: RolloutEvidence, elapsed_s: float) -> 
     if ev.step_requests < settings.min_requests or elapsed_s < settings.min_seconds:
         return Decision("hold", f"step needs {settings.min_requests} candidate requests and {settings.min_seconds:g} s "
                                 f"(has {ev.step_requests}, {elapsed_s:.0f} s)")
-    unmet = [c.summary for c in checks if not c.met]
+    unmet = [c for c in checks if not c.met]
     if unmet:
-        return Decision("hold", "; ".join(unmet))
-    why = f"{ev.step_requests} candidate requests this step; " + "; ".join(c.summary for c in checks)
+        return Decision("hold", lambda: "; ".join(c.text() for c in unmet))
+    why = f"{ev.step_requests} candidate requests this step; " + "; ".join(c.text() for c in checks)
     return Decision("advance", why.rstrip("; "))
 
 
-def _needs(x: float, n: float, p0: float, above: bool, alpha: float, deff: float, what: str) -> str:
+def _needs(x: float, n: float, p0: float, above: bool, alpha: float, deff: float, what: str,
+           clusters: np.ndarray | None = None) -> str:
     more = more_needed(x, n, p0, above, alpha)
-    return f"about {math.ceil(more * deff)} more {what} at this rate" if more is not None else "not at this rate"
+    text = f"about {math.ceil(more * deff)} more {what} at this rate" if more is not None else "not at this rate"
+    if deff >= 2 and clusters is not None:
+        # Sticky users: the evidence is bounded by how many users the candidate has, not requests.
+        users = float(clusters.sum()) ** 2 / float((clusters ** 2).sum())  # Kish's effective number of clusters
+        text += (f" (its requests count as {n:.0f} independent ones, design effect {deff:.1f}; they come from about "
+                 f"{users:.0f} users' worth of traffic ({int(np.count_nonzero(clusters))} of {CLUSTERS} user clusters); "
+                 f"a user's requests go together, so more requests from the same few users add little: more users must "
+                 f"reach the candidate, docs/ROLLOUT_STATISTICS.md#users)")
+    return text
 
 
 def _errors(ev: RolloutEvidence, limit: float, alpha: float, share: float) -> _Check:
@@ -274,8 +282,8 @@ def _errors(ev: RolloutEvidence, limit: float, alpha: float, share: float) -> _C
                       f"evidence {math.exp(log_evidence(x, m, p0, True)):.0f} >= 1/{share:.3g})", False, "")
     if rejects(x, m, limit, False, alpha):
         return _Check(None, True, f"{rate}, shown below {limit:g}")
-    return _Check(None, False, f"{rate} not yet shown below {limit:g}: "
-                               + _needs(x, m, limit, False, alpha, deff, "candidate requests"))
+    return _Check(None, False, lambda: f"{rate} not yet shown below {limit:g}: "
+                  + _needs(x, m, limit, False, alpha, deff, "candidate requests", c.clusters[:, REQ].copy()))
 
 
 def _latency(ev: RolloutEvidence, name: str, ratio: float, alpha: float, share: float) -> _Check:
@@ -297,8 +305,8 @@ def _latency(ev: RolloutEvidence, name: str, ratio: float, alpha: float, share: 
                       f"evidence {math.exp(log_evidence(x, m, 1 - Q, True)):.0f} >= 1/{share:.3g})", False, "")
     if rejects(x, m, 1 - Q, False, alpha):
         return _Check(None, True, f"{tail}, shown under {1 - Q:.0%}")
-    return _Check(None, False, f"{tail}, not yet shown under {1 - Q:.0%}: "
-                               + _needs(x, m, 1 - Q, False, alpha, deff, f"{name} samples"))
+    return _Check(None, False, lambda: f"{tail}, not yet shown under {1 - Q:.0%}: "
+                  + _needs(x, m, 1 - Q, False, alpha, deff, f"{name} samples", cl[:, n_col].copy()))
 
 
 def _agreement(ev: RolloutEvidence, floor: float, alpha: float, share: float) -> _Check:
@@ -309,5 +317,5 @@ def _agreement(ev: RolloutEvidence, floor: float, alpha: float, share: float) ->
                       f"{math.exp(log_evidence(x, n, floor, False)):.0f} >= 1/{share:.3g})", False, "")
     if rejects(x, n, floor, True, alpha):
         return _Check(None, True, f"{what}, shown above {floor:g}")
-    return _Check(None, False, f"{what} not yet shown above {floor:g}: "
-                               + _needs(x, n, floor, True, alpha, 1.0, "probes"))
+    return _Check(None, False, lambda: f"{what} not yet shown above {floor:g}: "
+                  + _needs(x, n, floor, True, alpha, 1.0, "probes"))

@@ -12,6 +12,7 @@ be fractional: clustered data enter divided by their design effect (Rao & Scott 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 from scipy.special import betainc, betaln
@@ -22,6 +23,7 @@ PRIOR_STRENGTH = 20.0
 _EPS = 1e-9
 
 
+@lru_cache(maxsize=4096)  # pure; a look whose counts did not move (a quiet candidate) costs nothing
 def log_evidence(x: float, n: float, p0: float, above: bool) -> float:
     """log of the mixture likelihood ratio of `x` successes in `n` against p0, the mixture over
     p > p0 (`above`: tests H0 p <= p0) or p < p0 (tests H0 p >= p0). Reject H0 once it reaches
@@ -31,15 +33,23 @@ def log_evidence(x: float, n: float, p0: float, above: bool) -> float:
     p0 = min(max(p0, _EPS), 1 - _EPS)
     a, b = PRIOR_STRENGTH * p0, PRIOR_STRENGTH * (1 - p0)
     A, B = a + x, b + n - x
-    # Mass of the prior and of the posterior on the alternative's side of p0 (regularized beta).
-    post, prior = (betainc(B, A, 1 - p0), betainc(b, a, 1 - p0)) if above else (betainc(A, B, p0), betainc(a, b, p0))
+    # Mass of the posterior on the alternative's side of p0 (regularized beta), over the prior's.
+    post = betainc(B, A, 1 - p0) if above else betainc(A, B, p0)
     if post <= 0:
         return -math.inf
-    return float(betaln(A, B) - betaln(a, b) + math.log(post) - math.log(prior)
-                 - x * math.log(p0) - (n - x) * math.log1p(-p0))
+    return float(betaln(A, B) + math.log(post) - x * math.log(p0) - (n - x) * math.log1p(-p0)) - _prior(p0, above)
+
+
+@lru_cache(maxsize=256)
+def _prior(p0: float, above: bool) -> float:
+    """log of the Beta prior's normalizer and of its mass on the alternative's side."""
+    a, b = PRIOR_STRENGTH * p0, PRIOR_STRENGTH * (1 - p0)
+    return float(betaln(a, b) + math.log(betainc(b, a, 1 - p0) if above else betainc(a, b, p0)))
 
 
 def rejects(x: float, n: float, p0: float, above: bool, alpha: float) -> bool:
+    if n <= 0 or ((x <= p0 * n) if above else (x >= p0 * n)):
+        return False  # the proportion is on the null's side: every p in the mixture fits worse than p0
     return log_evidence(x, n, p0, above) >= math.log(1 / alpha)
 
 
@@ -56,12 +66,15 @@ def more_needed(x: float, n: float, p0: float, above: bool, alpha: float, limit:
     p = x / n
     if (p <= p0) if above else (p >= p0):
         return None
-    m = max(n, 1.0)
-    while not rejects(p * m, m, p0, above, alpha):
-        m *= 1.25
-        if m > limit:
+    lo, hi = max(n, 1.0), max(n, 1.0)
+    while not rejects(p * hi, hi, p0, above, alpha):  # doubling, then halve the bracket to ~10 %
+        lo, hi = hi, hi * 2
+        if hi > limit:
             return None
-    return max(0, math.ceil(m - n))
+    while hi > lo * 1.1:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if rejects(p * mid, mid, p0, above, alpha) else (mid, hi)
+    return max(0, math.ceil(hi - n))
 
 
 def design_effect(n_k: np.ndarray, x_k: np.ndarray) -> float:
@@ -75,22 +88,20 @@ def design_effect(n_k: np.ndarray, x_k: np.ndarray) -> float:
     if used < 2:
         return max(1.0, n)  # one cluster: one observation's worth
     p = x / n
-    robust = used / (used - 1) * float(((x_k - p * n_k) ** 2).sum())
+    r = x_k - p * n_k
+    robust = used / (used - 1) * float(r @ r)
     return max(1.0, robust / (n * p * (1 - p)))
 
 
-def quantile_upper_bound(bounds: np.ndarray, counts: np.ndarray, q: float, alpha: float,
-                         deff: float = 1.0) -> float | None:
-    """Time-uniform upper confidence bound of the q-quantile of a histogram's distribution: the
-    smallest bucket bound x at which "F(x) > q" is shown by the test above (a quantile
-    confidence sequence, Howard & Ramdas 2022). None while the data cannot bound it."""
-    cum = np.cumsum(counts[: len(bounds)]) / deff
-    n = float(counts.sum()) / deff
-    lo, hi = 0, len(bounds)
-    while lo < hi:  # the evidence grows with the count below x: bisect on the bucket
+@lru_cache(maxsize=65536)
+def count_needed(n: int, q: float, alpha: float) -> float | None:
+    """The smallest count of n observations below x that shows F(x) > q, so x bounds the
+    q-quantile from above, time-uniformly (a quantile confidence sequence, Howard & Ramdas,
+    Bernoulli 2022). None while n is too small to show it at all."""
+    if n <= 0 or not rejects(n, n, q, True, alpha):
+        return None
+    lo, hi = 0, n
+    while lo < hi:
         mid = (lo + hi) // 2
-        if rejects(float(cum[mid]), n, q, True, alpha):
-            hi = mid
-        else:
-            lo = mid + 1
-    return float(bounds[lo]) if lo < len(bounds) else None
+        lo, hi = (lo, mid) if rejects(mid, n, q, True, alpha) else (mid + 1, hi)
+    return float(lo)

@@ -119,6 +119,46 @@ def test_the_design_effect_sees_users_whose_requests_go_together():
     assert independent < 1.5 and together > 20
 
 
+def test_shortcuts_give_the_same_answers():
+    """rejects() skips the mixture when the proportion is on the null's side (its ratio is then
+    below 1); more_needed() brackets by doubling: within ~10 % of the smallest count that rejects."""
+    for x, n, p0, above in ((3, 100, 0.05, True), (5, 100, 0.05, True), (9, 100, 0.05, False), (40, 50, 0.8, True)):
+        assert not rejects(x, n, p0, above, 0.05) and log_evidence(x, n, p0, above) < 0
+    more = more_needed(9, 100, 0.05, True, 0.05)
+    assert rejects(9 * (100 + more) / 100, 100 + more, 0.05, True, 0.05)
+    short = 100 + more / 1.1 ** 2 - 1
+    assert not rejects(0.09 * short, short, 0.05, True, 0.05)
+
+
+def test_a_hold_says_when_its_evidence_is_a_few_users_worth():
+    """Sticky users: 6 users, one slow. The design effect widens the test, and the hold's reason
+    (worded only when read) says the evidence is limited by the users, not the requests."""
+    s = settings(min_requests=1)
+    ev = evidence(s, n_cand=0)
+    rng = random.Random(0)
+    for i in range(600):
+        user = f"user-{i % 6}"
+        slow = 3.0 if user == "user-0" else 1.0
+        ev.record("candidate", "200", None, 0.5 * slow * rng.lognormvariate(0, 0.3), user)
+    d = decide(s, ev, 60)
+    assert d.action == "hold" and callable(d.why)
+    assert "a user's requests go together" in d.reason and "more users must reach the candidate" in d.reason
+
+
+def test_the_baseline_bound_is_recomputed_as_its_samples_grow():
+    s = settings()
+    ev = evidence(s, n_cand=0)
+    bound, (n, _) = ev.bound["e2e"], ev.bounded_at["e2e"]
+    for i in range(int(n * 0.01)):  # 1 % more: the bound in force stays (it is valid at any time)
+        ev.record("baseline", "200", 0.01, 100.0, f"u{i}")
+    update_bounds(s, ev)
+    assert ev.bound["e2e"] == bound and ev.bounded_at["e2e"][0] == n
+    for i in range(int(n * 0.2)):  # much slower answers, 20 % more: a new, higher bound
+        ev.record("baseline", "200", 0.01, 100.0, f"v{i}")
+    update_bounds(s, ev)
+    assert ev.bound["e2e"] > bound and ev.bounded_at["e2e"][0] > n
+
+
 def test_steps_must_rise_to_100():
     with pytest.raises(ValueError, match="steps must rise"):
         settings(steps=[50, 25, 100])
@@ -149,6 +189,9 @@ def test_the_controller_walks_the_steps_and_records_why(tmp_path):
     clock = Clock()
     c = controller(tmp_path, clock)
     assert c.tick(True).percent == 10
+    clock.t += 1
+    c.tick(True)  # no evidence yet: the admin summary says what the step waits for
+    assert c.summary()["last_decision"]["action"] == "hold" and "step needs 50" in c.summary()["last_decision"]["reason"]
     assert c.pair_weights({"base": 50, "cand": 50}) == {"cand": 10.0, "base": 90.0}
     for percent in (50, 100):
         feed(c, 400)
@@ -158,6 +201,7 @@ def test_the_controller_walks_the_steps_and_records_why(tmp_path):
     clock.t += 11
     state = c.tick(True)
     assert state.status == "promoted" and [h.action for h in state.history] == ["start", "advance", "advance", "promote"]
+    assert c.summary()["last_decision"] is None  # no longer running: nothing pending
     assert c.pair_weights({"base": 50, "cand": 50}) == {"cand": 100.0, "base": 0.0}
 
 
