@@ -14,7 +14,7 @@ import argparse
 from quant_cpu import throughput, write_result  # the same engine script, binding and prompts
 
 from slimserve.optimizers.models import slimserve_home
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.build.pipeline import optimize
 
 CHECKPOINTS = {"bf16": "none", "gptq-w4-g64": {"method": "gptq"}, "rtn-w4-g64": {"method": "rtn", "bits": 4}}
 

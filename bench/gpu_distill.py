@@ -2,7 +2,7 @@
 
 1. A teacher: a ~50M Llama trained here from scratch (bf16 autocast) on the Python standard
    library's source, every 20th file held out (the recipe of bench/gpu_quant.py).
-2. Throughput of `slimserve distill` (the same entry point, `slimserve.optimizers.distill.main`)
+2. Throughput of `slimserve distill` (the same entry point, `slimserve.optimizers.training.distill.main`)
    on a 50%-MLP / 50%-depth pruned student: fp32 (no autocast), bf16 autocast, bf16 autocast
    with 4-step gradient accumulation. Same micro-batch, same steps.
 3. Quality: the pruned student distilled from the teacher (alpha 0.5, T 2) against the same
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from slimserve.optimizers import distill as D
+from slimserve.optimizers.training import distill as D
 from slimserve.optimizers.quality import HeldOut, perplexity
 
 WORK = Path("/tmp/slimserve-distill")

@@ -39,7 +39,7 @@ def main(tokenizer_dir: str, out_json: str, gpus: int) -> None:
     for n in sorted({1, gpus}):
         out = G.WORK / f"ddp{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "slimserve.optimizers.distill", "--teacher", str(teacher), "--student-prune", prune,
+               "-m", "slimserve.optimizers.training.distill", "--teacher", str(teacher), "--student-prune", prune,
                "--text", str(G.WORK / "train.txt"), "--seq-len", "512", "--batch-size", "16", "--steps", "150",
                "--bf16", "--out", str(out)]
         t0 = time.monotonic()

@@ -22,9 +22,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slimserve.optimizers.calibration import Calibration
-from slimserve.optimizers.gptq import GPTQ
+from slimserve.optimizers.methods.gptq import GPTQ
 from slimserve.optimizers.quality import HeldOut, perplexity
-from slimserve.optimizers.rtn import RTN
+from slimserve.optimizers.methods.rtn import RTN
 
 WORK = Path("/tmp/slimserve-gpu")
 

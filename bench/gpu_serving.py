@@ -265,7 +265,7 @@ def slim_config() -> Path:
 
 
 def start_slimserve(tag: str, extra_env: dict | None = None) -> tuple[subprocess.Popen, float, list]:
-    proc = popen([sys.executable, "-m", "slimserve.serve.cli", "run", str(slim_config()), "--port", str(PORT)], WORK / f"{tag}.log",
+    proc = popen([sys.executable, "-m", "slimserve.serve.commands.cli", "run", str(slim_config()), "--port", str(PORT)], WORK / f"{tag}.log",
                  extra_env)
     timeline: list = []
     want = {f"llama8b--{n}" for n in VARIANTS}
@@ -363,7 +363,7 @@ def phase_slim_restart(R: dict) -> None:
 
 
 def phase_gptq(R: dict) -> None:
-    from slimserve.optimizers.pipeline import optimize
+    from slimserve.optimizers.build.pipeline import optimize
 
     t0 = time.monotonic()
     r = optimize(str(WORK / "llama1b"), {"method": "gptq", "bits": 4, "group_size": 128,

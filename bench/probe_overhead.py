@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from slimserve.serve.config_file import load_config
-from slimserve.serve.local import deploy, local_cluster, wait_ready
+from slimserve.serve.config.file import load_config
+from slimserve.serve.commands.local import deploy, local_cluster, wait_ready
 
 PORT = 18556
 PROMPT = "Write a short story about a lighthouse keeper."

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quant_cpu import throughput, write_result  # noqa: E402  (same engine script and binding as the quantization bench)
 
 from slimserve.optimizers.models import slimserve_home
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.build.pipeline import optimize
 from slimserve.optimizers.report import size_on_disk
 
 VARIANTS = {

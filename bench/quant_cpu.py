@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from slimserve.optimizers.models import slimserve_home
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.build.pipeline import optimize
 from slimserve.optimizers.report import size_on_disk
 from slimserve.serve.app import CPU_INT4_W4A8
-from slimserve.serve.config import EngineSettings
+from slimserve.serve.config.schema import EngineSettings
 
 VARIANTS = {
     "bf16": "none",

@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO.parent))
 
-from slimserve.serve import rollout_evidence as new  # noqa: E402
-from slimserve.serve.rollout_config import RolloutSettings  # noqa: E402
+from slimserve.serve.rollout import evidence as new  # noqa: E402
+from slimserve.serve.config.rollout import RolloutSettings  # noqa: E402
 
 TICK_S = 5.0
 PROBE_SAMPLE = 0.02
@@ -71,12 +71,23 @@ def planned_s(s: RolloutSettings, rate: float) -> float:
 
 
 def head_module(rev: str = "HEAD"):
-    """A revision's rollout_evidence (and the modules of its own it imports), as a temporary module."""
+    """A revision's rollout evidence module (and the modules of its own it imports), as a temporary
+    module. Reads both layouts: flat serve/rollout_*.py (before issue 24) and serve/rollout/."""
     tmp = Path(tempfile.mkdtemp(prefix="rollout_head_"))
-    for name in ("rollout_evidence", "ab_report", "rollout_sequential"):
-        src = subprocess.run(["git", "show", f"{rev}:serve/{name}.py"], cwd=REPO, capture_output=True, text=True).stdout
-        for mine in ("ab_report", "rollout_sequential", "rollout_evidence"):
-            src = src.replace(f"from .{mine} import", f"from _head_{mine} import")
+    def show(path: str) -> str | None:
+        r = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=REPO, capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else None
+    if show("serve/rollout/evidence.py") is not None:
+        files = {"rollout_evidence": "serve/rollout/evidence.py", "rollout_sequential": "serve/rollout/sequential.py"}
+        names = {"slimserve.serve.rollout.evidence": "_head_rollout_evidence",
+                 "slimserve.serve.rollout.sequential": "_head_rollout_sequential"}
+    else:
+        files = {n: f"serve/{n}.py" for n in ("rollout_evidence", "ab_report", "rollout_sequential")}
+        names = {f".{n}": f"_head_{n}" for n in files}
+    for name, path in files.items():
+        src = show(path) or ""
+        for theirs, mine in names.items():
+            src = src.replace(f"from {theirs} import", f"from {mine} import")
         src = src.replace("from .", "from slimserve.serve.")
         (tmp / f"_head_{name}.py").write_text(src)
     sys.path.insert(0, str(tmp))

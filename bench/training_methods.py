@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from slimserve.optimizers.models import slimserve_home
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.build.pipeline import optimize
 from slimserve.optimizers.report import size_on_disk
 
 

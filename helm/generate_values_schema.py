@@ -1,5 +1,5 @@
 """Writes the `slimserve` part of helm/slimserve/values.schema.json from the config schema itself
-(serve/config.py, pydantic) and the optimizer registry, so `helm install` rejects what
+(serve/config/schema.py, pydantic) and the optimizer registry, so `helm install` rejects what
 `slimserve config validate` rejects (types, ranges, unknown keys, unknown optimization methods)
 without a second hand-kept copy. The chart's own keys stay hand-written in that file.
 
@@ -48,7 +48,7 @@ def optimization_schema(methods: list[str], description: str) -> dict[str, Any]:
 
 def slimserve_schema() -> dict[str, Any]:
     from slimserve.optimizers.registry import methods
-    from slimserve.serve.config import SlimserveConfig
+    from slimserve.serve.config.schema import SlimserveConfig
 
     schema = SlimserveConfig.model_json_schema()
     defs = schema.pop("$defs")
@@ -58,7 +58,7 @@ def slimserve_schema() -> dict[str, Any]:
     variant["engine"] = {"$ref": "#/$defs/EngineSettings", "description": variant["engine"]["description"]}
     defs.pop("Optimization", None)
     schema["description"] = (
-        "The slimserve config (serve/config.py), passed as is to slimserve.serve.app:build_app in "
+        "The slimserve config (serve/config/schema.py), passed as is to slimserve.serve.app:build_app in "
         "serveConfigV2. cache_dir is required here: the artifact cache volume is mounted there."
     )
     schema["required"] = sorted({*schema.get("required", []), "cache_dir"})

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .calibration import text_available, token_windows
+from slimserve.optimizers.calibration import text_available, token_windows
 
 log = logging.getLogger(__name__)
 

@@ -62,9 +62,10 @@ def register(cls: type[Optimization]) -> type[Optimization]:
 @functools.cache
 def _import_method_modules() -> None:
     # A method module has a line `@register`: read from the source, so only method modules are imported.
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    for path in sorted((here / "methods").glob("*.py")) + sorted((here / "training").glob("*.py")):
         if re.search(r"^@register\b", path.read_text(encoding="utf-8"), re.MULTILINE):
-            importlib.import_module(f"{__package__}.{path.stem}")
+            importlib.import_module(f"{__package__}.{path.parent.name}.{path.stem}")
 
 
 def methods() -> dict[str, type[Optimization]]:
@@ -88,48 +89,50 @@ def parse(spec: dict[str, Any] | str | Optimization) -> Optimization:
 
 # Modules whose code shapes every artifact besides the method's own: the child process's entry
 # point (it runs the method and measures perplexity) and what it imports.
-_BUILD_ROOTS = ("worker",)
+_BUILD_ROOTS = ("build.worker",)
+
+
+def _module_file(package_dir: Path, name: str) -> Path:
+    return package_dir / (name.replace(".", "/") + ".py")
 
 
 def _package_imports(path: Path, package_dir: Path) -> set[str]:
-    """Stems of this package's modules that `path` imports: relative or absolute, top-level or
-    inside a function (method modules import their helpers inside `run`)."""
+    """Names (relative to this package, e.g. `methods.quantize`) of this package's modules that
+    `path` imports, top-level or inside a function (method modules import their helpers inside `run`)."""
     package = __package__ or "slimserve.optimizers"
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         names: list[str] = []
-        if isinstance(node, ast.ImportFrom):
-            module = node.module or ""
-            if node.level == 1 or (node.level == 0 and module == package):
-                names = [module.split(".")[0]] if node.level and module else [a.name for a in node.names]
-            elif node.level == 0 and module.startswith(package + "."):
-                names = [module[len(package) + 1:].split(".")[0]]
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(package):
+            base = node.module[len(package) + 1:]
+            names = [base] + [f"{base}.{a.name}".lstrip(".") for a in node.names]
         elif isinstance(node, ast.Import):
-            names = [a.name[len(package) + 1:].split(".")[0] for a in node.names if a.name.startswith(package + ".")]
-        found.update(n for n in names if (package_dir / f"{n}.py").is_file())
+            names = [a.name[len(package) + 1:] for a in node.names if a.name.startswith(package + ".")]
+        found.update(n for n in names if n and _module_file(package_dir, n).is_file())
     return found
 
 
 def code_digest(spec: "Optimization | type[Optimization] | str", package_dir: Path | None = None) -> str:
     """sha256 of the slimserve code that builds an artifact of this method: the method's module,
-    the child process's entry point (`worker`: it also measures perplexity), the package's
-    `__init__`, and every module of this package they import, transitively (e.g. `structured`:
-    kd_trainer, quality, calibration, registry). It goes into the cache key, so an artifact built
-    by other code is never served as a hit. `spec`: a method instance or class, or a module stem;
-    `package_dir` (tests): read the sources from there instead of this package."""
+    the child process's entry point (`build.worker`: it also measures perplexity), the package's
+    `__init__`, and every module of this package they import, transitively (e.g. `methods.structured`:
+    training.kd_trainer, quality, calibration, registry). It goes into the cache key, so an artifact
+    built by other code is never served as a hit. `spec`: a method instance or class, or a module
+    name relative to the package; `package_dir` (tests): read the sources from there instead."""
     package_dir = Path(package_dir) if package_dir is not None else Path(__file__).parent
+    package = __package__ or "slimserve.optimizers"
     if isinstance(spec, str):
         stem = spec
     else:
-        stem = (spec if isinstance(spec, type) else type(spec)).__module__.rpartition(".")[2]
+        stem = (spec if isinstance(spec, type) else type(spec)).__module__[len(package) + 1:]
     todo, seen = [stem, *_BUILD_ROOTS, "__init__"], set()
     while todo:
         name = todo.pop()
-        if name in seen or not (package_dir / f"{name}.py").is_file():
+        if name in seen or not _module_file(package_dir, name).is_file():
             continue
         seen.add(name)
-        todo.extend(_package_imports(package_dir / f"{name}.py", package_dir) - seen)
+        todo.extend(_package_imports(_module_file(package_dir, name), package_dir) - seen)
     h = hashlib.sha256()
     for name in sorted(seen):
-        h.update(f"{name}.py\0{hashlib.sha256((package_dir / f'{name}.py').read_bytes()).hexdigest()}\n".encode())
+        h.update(f"{name}.py\0{hashlib.sha256(_module_file(package_dir, name).read_bytes()).hexdigest()}\n".encode())
     return h.hexdigest()

@@ -19,17 +19,17 @@ from typing import Any
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
-from .ab import VariantRoute
-from .config import ModelSpec, SlimserveConfig, Variant
-from .config_file import INGRESS_DEPLOYMENT, load_config
-from .cpu_binding import SLOTS_ENV, core_binder, slots_for
-from .handoff import IngressSpec, IngressWeights, OnLoadSpec
-from .ingress import SlimserveIngress
-from .onload import OptimizeOnLoad
-from .placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
-from .rayllm import experimental_configs
-from .server import SlimServer
-from .start_budget import RAY_ENGINE_START_TIMEOUT_ENV, start_budget_s
+from slimserve.serve.handoff import VariantRoute
+from slimserve.serve.config.schema import ModelSpec, SlimserveConfig, Variant
+from slimserve.serve.config.file import INGRESS_DEPLOYMENT, load_config
+from slimserve.serve.engine.cpu_binding import SLOTS_ENV, core_binder, slots_for
+from slimserve.serve.handoff import IngressSpec, IngressWeights, OnLoadSpec
+from slimserve.serve.http.ingress import SlimserveIngress
+from slimserve.serve.engine.onload import OptimizeOnLoad
+from slimserve.serve.engine.placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
+from slimserve.serve.rayllm import experimental_configs
+from slimserve.serve.engine.server import SlimServer
+from slimserve.serve.config.start_budget import RAY_ENGINE_START_TIMEOUT_ENV, start_budget_s
 
 log = logging.getLogger("slimserve.app")
 

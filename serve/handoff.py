@@ -4,18 +4,27 @@ and what the on-load hook hands the engine server. Each crosses Ray as plain key
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from slimserve.optimizers.pipeline import DEFAULT_BUILD_TIMEOUT_S
+from slimserve.optimizers.build.pipeline import DEFAULT_BUILD_TIMEOUT_S
 
-from .ab import VariantRoute
-from .ingress_config import RequestLimits
-from .probe_config import LiveProbeSettings
-from .retry import PrepareRetry
-from .rollout_config import RolloutSettings
-from .start_budget import DEFAULT_ENGINE_START_TIMEOUT_S
+from slimserve.serve.config.ingress import RequestLimits
+from slimserve.serve.config.probe import LiveProbeSettings
+from slimserve.serve.config.retry import PrepareRetry
+from slimserve.serve.config.rollout import RolloutSettings
+from slimserve.serve.config.start_budget import DEFAULT_ENGINE_START_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class VariantRoute:
+    """One variant of a public name as the ingress's router sees it (build_app -> ingress)."""
+
+    variant: str
+    model_id: str  # the deployment's model id, e.g. smollm2--int8
+    weight: float
 
 
 class _Handoff(BaseModel):

@@ -10,7 +10,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from slimserve.optimizers.pipeline import OptimizeResult, optimize
+from slimserve.optimizers.build.pipeline import OptimizeResult, optimize
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 

@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "5")
 os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S", "5")
 os.environ.setdefault("SLIMSERVE_HOME", str(REPO / ".cache" / "slimserve"))
 # The session cluster runs Ray Serve the way `slimserve run` and the chart do (throughput-optimized).
-from slimserve.serve.local import use_ray_serve_env  # noqa: E402
+from slimserve.serve.commands.local import use_ray_serve_env  # noqa: E402
 
 use_ray_serve_env()
 

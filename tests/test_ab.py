@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from slimserve.serve.ab import RouteError, Router, Target, TrafficSplit, VariantRoute
-from slimserve.serve.ab_report import latency_test
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.serve.http.split import RouteError, Router, Target, TrafficSplit, VariantRoute
+from slimserve.serve.commands.ab_report import latency_test
+from slimserve.serve.config.file import ConfigError, load_config
 
 
 def split(**weights: float) -> TrafficSplit:
@@ -82,7 +82,7 @@ def test_a_down_variant_moves_only_its_own_users():
     assert s.pick(exclude={"a", "b", "c"}) is None and s.pick("x", exclude={"a", "b", "c"}) is None
 
 
-# --- routing (serve/ab.py Router): pure, no Ray ----------------------------------------------
+# --- routing (serve/http/split.py Router): pure, no Ray ----------------------------------------------
 
 def router(**kw) -> Router:
     splits = {

@@ -183,7 +183,7 @@ def test_sticky_users_stay_on_their_variant(main_app):
 
 
 def test_ab_report_reads_prometheus_and_gives_a_verdict(main_app, prometheus):
-    cmd = [sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2", "--window", "30m"]
+    cmd = [sys.executable, "-m", "slimserve.serve.commands.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2", "--window", "30m"]
     out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
@@ -224,10 +224,10 @@ def test_ab_report_reads_prometheus_and_gives_a_verdict(main_app, prometheus):
 
 
 def test_ab_report_says_what_is_wrong(main_app, prometheus):
-    out = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "gpt-17"],
+    out = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "ab-report", "--prometheus", prometheus, "--model", "gpt-17"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "no slimserve requests for model 'gpt-17'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", "http://127.0.0.1:1", "--model", "x"],
+    out = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "ab-report", "--prometheus", "http://127.0.0.1:1", "--model", "x"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "cannot query Prometheus" in out.stderr
 
@@ -369,7 +369,7 @@ def test_a_variant_that_fails_to_load_gets_no_traffic_and_says_why(main_app, pro
 def test_ab_report_counts_across_a_redeploy(main_app, prometheus, session_cache):
     """A changed ingress setting replaces the ingress, whose counters start again at 0 in new
     series while the old ones stop: the report still counts every request of the window."""
-    cmd = [sys.executable, "-m", "slimserve.serve.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2",
+    cmd = [sys.executable, "-m", "slimserve.serve.commands.cli", "ab-report", "--prometheus", prometheus, "--model", "smollm2",
            "--window", "1h", "--json"]
 
     def reported() -> float:

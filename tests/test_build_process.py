@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.optimizers import pipeline
-from slimserve.optimizers.cache import ArtifactCache
-from slimserve.optimizers.pipeline import OptimizationFailed, OptimizationTimedOut, optimize
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.optimizers.build import pipeline
+from slimserve.optimizers.cache.store import ArtifactCache
+from slimserve.optimizers.build.pipeline import OptimizationFailed, OptimizationTimedOut, optimize
+from slimserve.serve.config.file import ConfigError, load_config
 from slimserve.serve.handoff import OnLoadSpec
 
 SPEC = {"method": "structured", "mlp_keep": 0.5}  # runs in this environment's Python: no optimizer env needed
@@ -134,7 +134,7 @@ def test_a_quality_limit_without_measuring_is_refused_with_its_path(tmp_path):
               - {name: int8, optimization: w8a8, quality: {measure: false, max_ppl_ratio: 1.1}}
               - {name: rtn, optimization: rtn, quality: {measure: false}}
     """))
-    r = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(path)],
+    r = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "config", "validate", str(path)],
                        capture_output=True, text=True)
     assert r.returncode == 1
     assert ("models.0.variants.1.quality: max_ppl_ratio 1.1 with measure: false is never checked (nothing is "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.optimizers.cache import MANIFEST, ArtifactCache, CorruptArtifact, verify
+from slimserve.optimizers.cache.store import MANIFEST, ArtifactCache, CorruptArtifact, verify
 
 KEY = "ab12" * 16
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.optimizers import pipeline
-from slimserve.optimizers.cache import IN_USE, ArtifactCache, LockTimeout, hold, verify
+from slimserve.optimizers.build import pipeline
+from slimserve.optimizers.cache.store import IN_USE, ArtifactCache, LockTimeout, hold, verify
 from slimserve.optimizers.registry import code_digest, parse
 
-PACKAGE = Path(pipeline.__file__).parent
+PACKAGE = Path(pipeline.__file__).parent.parent  # optimizers/
 MB = 1 << 20
 
 
@@ -44,26 +44,26 @@ def used_at(path: Path, when: float) -> None:
 def test_code_digest_covers_the_method_and_the_modules_it_uses(tmp_path):
     pkg = tmp_path / "optimizers"
     shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {m: code_digest(m, pkg) for m in ("structured", "student", "sparsity", "w8a8")}
-    assert before["structured"] == code_digest(parse("structured")) == code_digest(type(parse("structured")))
+    before = {m: code_digest(m, pkg) for m in ("methods.structured", "methods.student", "methods.sparse", "methods.w8a8")}
+    assert before["methods.structured"] == code_digest(parse("structured")) == code_digest(type(parse("structured")))
 
     def edited(name: str) -> dict[str, str]:
         with open(pkg / name, "a") as f:
             f.write("\n# changed\n")
         return {m: code_digest(m, pkg) for m in before}
 
-    after = edited("kd_trainer.py")  # KD healing and the student's training
-    assert after["structured"] != before["structured"] and after["student"] != before["student"]
-    assert after["w8a8"] == before["w8a8"] and after["sparsity"] == before["sparsity"]
+    after = edited("training/kd_trainer.py")  # KD healing and the student's training
+    assert after["methods.structured"] != before["methods.structured"] and after["methods.student"] != before["methods.student"]
+    assert after["methods.w8a8"] == before["methods.w8a8"] and after["methods.sparse"] == before["methods.sparse"]
     before = after
-    after = edited("quantize.py")  # imported inside `run` by the llm-compressor methods
-    assert after["sparsity"] != before["sparsity"] and after["w8a8"] != before["w8a8"]
-    assert after["structured"] == before["structured"]
+    after = edited("methods/quantize.py")  # imported inside `run` by the llm-compressor methods
+    assert after["methods.sparse"] != before["methods.sparse"] and after["methods.w8a8"] != before["methods.w8a8"]
+    assert after["methods.structured"] == before["methods.structured"]
     before = after
-    after = edited("worker.py")  # runs every method and measures perplexity
+    after = edited("build/worker.py")  # runs every method and measures perplexity
     assert all(after[m] != before[m] for m in before)
     before = after
-    after = edited("gptq.py")  # another method: nothing here changes
+    after = edited("methods/gptq.py")  # another method: nothing here changes
     assert after == before
 
 
@@ -91,7 +91,7 @@ def test_the_worker_refuses_to_build_with_other_code_than_the_key_names(tmp_path
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from slimserve.optimizers.cache import BuildLock
+from slimserve.optimizers.cache.store import BuildLock
 lock = BuildLock(Path(sys.argv[1]))
 lock.acquire(None, {"method": "structured", "base": "/models/base"})
 print("locked", flush=True)
@@ -220,7 +220,7 @@ def test_the_cap_applies_after_each_build(tmp_path):
 
 HOLD_ARTIFACT = """
 import sys, time
-from slimserve.optimizers.cache import hold
+from slimserve.optimizers.cache.store import hold
 h = hold(sys.argv[1])
 print("held", flush=True)
 time.sleep(300)
@@ -271,7 +271,7 @@ def test_optimize_holds_what_it_returns(tmp_path, monkeypatch):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r
 

@@ -1,4 +1,4 @@
-"""Verifying cached artifacts (optimizers/cache.py), with real files, real locks held by real
+"""Verifying cached artifacts (optimizers/cache/store.py), with real files, real locks held by real
 other processes: files are hashed once per artifact and content; a corrupt artifact is never
 served and is rebuilt under the build lock, never deleted while a running engine holds it."""
 
@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from slimserve.optimizers import cache as cache_module
-from slimserve.optimizers.cache import ArtifactCache, CorruptArtifact, verify
+from slimserve.optimizers.cache import store as cache_module
+from slimserve.optimizers.cache.store import ArtifactCache, CorruptArtifact, verify
 
 KEY = "cd34" * 16
 
@@ -58,7 +58,7 @@ def test_a_change_hidden_behind_the_old_mtime_is_still_found(tmp_path):
 
 HOLDER = """
 import sys, time
-from slimserve.optimizers.cache import hold
+from slimserve.optimizers.cache.store import hold
 h = hold(sys.argv[1])
 print("held", flush=True)
 time.sleep(300)
@@ -90,7 +90,7 @@ def test_a_corrupt_artifact_in_use_is_rebuilt_beside_not_deleted(tmp_path):
 LOCKER = """
 import sys, time
 from pathlib import Path
-from slimserve.optimizers.cache import BuildLock
+from slimserve.optimizers.cache.store import BuildLock
 lock = BuildLock(Path(sys.argv[1]))
 lock.acquire(None, {"method": "test"})
 print("locked", flush=True)

@@ -14,11 +14,12 @@ import time
 import pytest
 
 from conftest import REPO
-from slimserve.serve import cli, local
-from slimserve.serve.demo import Answer, client_api_key, print_answer  # (Ray Serve LLM is imported lazily)
-from slimserve.serve.local import RunError, failure_summary
-from slimserve.serve import run_folders
-from slimserve.serve.run_folders import clear_stale_runs
+from slimserve.serve.commands import cli
+from slimserve.serve.commands import local
+from slimserve.serve.commands.demo import Answer, client_api_key, print_answer  # (Ray Serve LLM is imported lazily)
+from slimserve.serve.commands.local import RunError, failure_summary
+from slimserve.serve.commands import run_folders
+from slimserve.serve.commands.run_folders import clear_stale_runs
 
 CONFIG = """
 models:
@@ -31,7 +32,7 @@ models:
 
 def slimserve(*args: str, cwd=REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", *args],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", *args],
         capture_output=True, text=True, cwd=cwd, timeout=120, env={**os.environ, **(env or {})},
     )
 
@@ -195,7 +196,7 @@ class _FakeStream:
     def __init__(self, contents):
         from types import SimpleNamespace as NS
 
-        from slimserve.serve.ingress import VARIANT_HEADER
+        from slimserve.serve.http.ingress import VARIANT_HEADER
 
         self.headers = {VARIANT_HEADER: "int8"}
         self.chunks = [NS(choices=[NS(delta=NS(content=c))]) for c in contents] + [NS(choices=[])]
@@ -212,7 +213,7 @@ class _FakeStream:
 
 
 def test_demo_asks_and_times_the_first_text_chunk():
-    from slimserve.serve.demo import ask
+    from slimserve.serve.commands.demo import ask
 
     answer = ask(_FakeStream(["", None, "Paris", " is it."]), "smollm2", "?")
     assert answer.variant == "int8" and answer.parts == ["Paris", " is it."] and answer.ttft_s is not None
@@ -230,8 +231,8 @@ def test_demo_without_a_first_token_does_not_crash(capsys):
 
 
 def test_demo_client_sends_one_of_the_api_keys(monkeypatch):
-    from slimserve.serve.demo import demo_config_path
-    from slimserve.serve.config_file import load_config
+    from slimserve.serve.commands.demo import demo_config_path
+    from slimserve.serve.config.file import load_config
 
     cfg = load_config(demo_config_path())
     monkeypatch.delenv(cfg.ingress.api_keys_env, raising=False)

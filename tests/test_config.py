@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.serve.config.file import ConfigError, load_config
 
 
 def validate(tmp_path, text: str) -> subprocess.CompletedProcess:
     path = tmp_path / "slimserve.yaml"
     path.write_text(textwrap.dedent(text))
     return subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(path)],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "config", "validate", str(path)],
         capture_output=True, text=True,
     )
 
@@ -68,7 +68,7 @@ def test_yaml_syntax_error(tmp_path):
 
 def test_missing_file_is_a_clear_error(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(tmp_path / "nope.yaml")],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "config", "validate", str(tmp_path / "nope.yaml")],
         capture_output=True, text=True,
     )
     assert r.returncode == 1 and "cannot read" in r.stderr
@@ -102,7 +102,7 @@ def test_public_name_may_not_clash_with_a_variant_id():
 
 
 def test_shipped_configs_validate():
-    from slimserve.serve.demo import demo_config_path
+    from slimserve.serve.commands.demo import demo_config_path
 
     cfg = load_config(demo_config_path())
     assert [v.optimization.method for v in cfg.models[0].variants] == ["none", "w8a8"]
@@ -206,7 +206,7 @@ WEIGHTED_SERVE_CONFIG = """
 
 
 def test_the_ingress_user_config_of_a_serve_config_sets_the_weights(tmp_path):
-    from slimserve.serve.config_file import load_config_file
+    from slimserve.serve.config.file import load_config_file
 
     path = tmp_path / "serve.yaml"
     text = WEIGHTED_SERVE_CONFIG.format(weights="{smollm2: {int8: 3}}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from slimserve.serve import cpu_binding
+from slimserve.serve.engine import cpu_binding
 from slimserve.serve.app import llm_config_for
-from slimserve.serve.config_file import load_config
-from slimserve.serve.cpu_binding import SLOTS_ENV, claim_slot, core_binder, slots_for
+from slimserve.serve.config.file import load_config
+from slimserve.serve.engine.cpu_binding import SLOTS_ENV, claim_slot, core_binder, slots_for
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ served perplexity; docs/BENCHMARKS.md has both settings side by side)."""
 from __future__ import annotations
 
 from slimserve.serve.app import llm_config_for
-from slimserve.serve.config_file import load_config
+from slimserve.serve.config.file import load_config
 
 CONFIG = {"models": [{"name": "m", "variants": [
     {"name": "gptq", "optimization": {"method": "gptq"}},

@@ -38,7 +38,7 @@ def wait_for_no_leftovers(env: dict, timeout_s: float = 30) -> dict[int, str]:
 
 def test_demo_answers_names_the_variant_and_cleans_up(demo_env):
     r = subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "demo", "--port", str(free_port())],
         capture_output=True, text=True, timeout=900, env=demo_env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_demo_answers_names_the_variant_and_cleans_up(demo_env):
 
 def test_demo_interrupted_while_engines_start_leaves_nothing_behind(demo_env):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "slimserve.serve.cli", "demo", "--port", str(free_port())],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "demo", "--port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=demo_env,
     )
     try:

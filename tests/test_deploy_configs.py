@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helm_chart import REPO
-from slimserve.serve.config_file import load_config, load_config_file
+from slimserve.serve.config.file import load_config, load_config_file
 
 DEPLOY = REPO / "deploy"
 # Every top-level YAML file in deploy/ is a Serve config.
@@ -45,7 +45,7 @@ def test_slimserve_cli_takes_the_serve_config(name):
     """`slimserve config validate` (and so `run`, `optimize`) reads the files `serve run` takes,
     from the same directory (`args: {config: PATH}` is relative to it)."""
     r = subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "config", "validate", f"deploy/{name}"],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "config", "validate", f"deploy/{name}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 0, r.stderr

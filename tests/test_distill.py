@@ -22,7 +22,7 @@ pytestmark = pytest.mark.heavy
 
 # `slimserve distill` as two data-parallel processes (gloo on CPU).
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "slimserve.optimizers.distill")
+            "-m", "slimserve.optimizers.training.distill")
 FAST = ["--seq-len", "32", "--batch-size", "2", "--lr", "1e-3", "--text", "fortunes"]
 
 
@@ -43,7 +43,7 @@ def teacher(tmp_path_factory) -> Path:
     return path
 
 
-def cli(*args, runner=(sys.executable, "-m", "slimserve.serve.cli")):
+def cli(*args, runner=(sys.executable, "-m", "slimserve.serve.commands.cli")):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*runner, *args], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -57,7 +57,7 @@ def report(out: Path) -> dict:
 def test_kd_loss_is_ce_at_alpha_0_and_zero_kl_for_equal_logits():
     import torch
 
-    from slimserve.optimizers.kd_trainer import kd_loss
+    from slimserve.optimizers.training.kd_trainer import kd_loss
 
     torch.manual_seed(0)
     logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))

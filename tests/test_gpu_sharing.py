@@ -13,8 +13,8 @@ import textwrap
 import pytest
 
 from slimserve.serve.app import gpu_plan, llm_config_for
-from slimserve.serve.config_file import ConfigError, load_config
-from slimserve.serve.placement import EngineDemand, resolve_shares, unplaceable
+from slimserve.serve.config.file import ConfigError, load_config
+from slimserve.serve.engine.placement import EngineDemand, resolve_shares, unplaceable
 
 
 def config(*variants, engine=None, replicas=1):
@@ -137,7 +137,7 @@ def test_config_validate_shows_the_gpu_share(tmp_path):
               - {name: a}
               - {name: b, engine: {gpu_share: 0.4}}
     """))
-    r = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "config", "validate", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "config", "validate", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "m/a: none, weight 1, tp 1, gpu_share auto" in r.stdout
     assert "m/b: none, weight 1, tp 1, gpu_share 0.4" in r.stdout
@@ -157,7 +157,7 @@ def test_slimserve_run_refuses_variants_that_cannot_fit(tmp_path):
     env = {**os.environ, "SLIMSERVE_ACCELERATOR": "gpu", "RAY_OVERRIDE_RESOURCES": '{"GPU": 1}'}
     from conftest import free_port
 
-    r = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "run", str(path), "--port", str(free_port()),
+    r = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "run", str(path), "--port", str(free_port()),
                         "--metrics-port", str(free_port())],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from slimserve.serve.guard import GuardMiddleware, admin_only, is_admin_path, json_problem
+from slimserve.serve.http.guard import GuardMiddleware, admin_only, is_admin_path, json_problem
 
 ADMIN = [b"sk-admin"]
 

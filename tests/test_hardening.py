@@ -192,7 +192,7 @@ def test_with_forcing_off_the_client_cannot_choose_its_variant_by_user_name(main
     """`allow_forced_variant: false` makes the API key the sticky identity (ingress.sticky_user_from
     defaults to `api_key` then): two user names that the rendezvous hash sends to different
     variants reach the same variant under one key, and each key keeps its variant."""
-    from slimserve.serve.ab import TrafficSplit, VariantRoute
+    from slimserve.serve.http.split import TrafficSplit, VariantRoute
 
     split = TrafficSplit([VariantRoute("baseline", "smollm2--baseline", 70), VariantRoute("int8", "smollm2--int8", 30)])
     by_variant = {}

@@ -1,4 +1,4 @@
-"""The ingress's view of its variants (serve/health.py) at the moment a deploy finishes.
+"""The ingress's view of its variants (serve/http/health.py) at the moment a deploy finishes.
 
 The race found on a busy host: a look at Serve's status that began while the engine was still
 starting came back after the app was RUNNING, and the first request, which shared that look, got
@@ -13,7 +13,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from slimserve.serve.health import HealthBoard, State
+from slimserve.serve.http.health import HealthBoard, State
 
 
 class EngineHandle:

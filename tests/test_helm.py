@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helm_chart import CHART, CI_VALUES, NAMESPACE, RELEASE, helm, kinds, one, render, render_error, values_file
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.serve.config.file import ConfigError, load_config
 
 FULLNAME = f"{RELEASE}-slimserve"
 CI_NAMES = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
@@ -46,7 +46,7 @@ def _generator():
 def test_values_schema_slimserve_part_matches_config_schema():
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["slimserve"] == _generator().slimserve_schema(), (
-        "helm/slimserve/values.schema.json is out of date with serve/config.py or the optimizer registry: "
+        "helm/slimserve/values.schema.json is out of date with serve/config/schema.py or the optimizer registry: "
         "run .venv/bin/python helm/generate_values_schema.py"
     )
 

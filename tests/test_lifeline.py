@@ -1,4 +1,4 @@
-"""The optimizer's child dies with the process that started it (optimizers/lifeline.py), for
+"""The optimizer's child dies with the process that started it (optimizers/build/lifeline.py), for
 real: a real parent process starts a build through `pipeline._run_child` from a worker thread (as
 the replica does, asyncio.to_thread), the build starts a grandchild, the parent is SIGKILLed (no
 `finally` runs), and both are gone within seconds. The build itself is a stand-in script that
@@ -14,7 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from slimserve.optimizers import pipeline
+from slimserve.optimizers.build import pipeline
 from slimserve.optimizers.registry import parse
 
 # The stand-in build: writes its pid and its grandchild's, ignores SIGTERM, sleeps.
@@ -30,7 +30,7 @@ time.sleep(300)
 PARENT = """
 import asyncio, sys
 from pathlib import Path
-from slimserve.optimizers import pipeline
+from slimserve.optimizers.build import pipeline
 from slimserve.optimizers.registry import parse
 build, pids, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 pipeline._child_command = lambda python, request: [sys.executable, build, pids]

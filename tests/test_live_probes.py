@@ -7,10 +7,10 @@ import math
 
 import pytest
 
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.serve.config.file import ConfigError, load_config
 from slimserve.serve.handoff import IngressSpec
-from slimserve.serve.live_probes import Greedy, compare, greedy_of, probe_body, probe_plans
-from slimserve.serve.probe_config import LiveProbeSettings
+from slimserve.serve.http.live_probes import Greedy, compare, greedy_of, probe_body, probe_plans
+from slimserve.serve.config.probe import LiveProbeSettings
 
 
 def g(tokens: str, tops: list[dict[str, float]] | None = None) -> Greedy:

@@ -9,8 +9,8 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from slimserve.optimizers.cache import MANIFEST
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.cache.store import MANIFEST
+from slimserve.optimizers.build.pipeline import optimize
 
 # The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
 pytestmark = pytest.mark.heavy
@@ -56,7 +56,7 @@ def test_optimize_cli_prints_a_table(tmp_path):
         "models:\n  - name: smollm2\n    variants:\n      - {name: baseline}\n      - {name: int8, optimization: w8a8}\n"
     )
     r = subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "optimize", "--config", str(cfg), "--variant", "int8"],
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "optimize", "--config", str(cfg), "--variant", "int8"],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.build.pipeline import optimize
 from slimserve.optimizers.quality import QualityGateFailed
 from builds import build_each
 from vllm_checkpoints import PROMPT, assert_serves_the_judged_model, vllm_load_each
@@ -94,7 +94,7 @@ def test_formats_vllm_cpu_cannot_run_are_valid_checkpoints(built, name, plausibl
     # WNA16 kernels take grouped 4-bit weights only (int8 fails with "Failed to find a kernel").
     # The on-load hook refuses these methods on CPU hosts; the checkpoints run in transformers.
     from slimserve.optimizers.registry import parse
-    from slimserve.serve.onload import check_runs_on
+    from slimserve.serve.engine.onload import check_runs_on
 
     spec = parse(SPECS[name])
     with pytest.raises(ValueError, match="smollm2/v: vLLM's CPU build has no kernels for"):

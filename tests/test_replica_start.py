@@ -1,8 +1,8 @@
 """An engine replica's start under Ray Serve LLM: a variant that failed to prepare for a
-transient reason tries again (serve/retry.py, SlimServer._retry) and one that failed for a
+transient reason tries again (serve/config/retry.py, SlimServer._retry) and one that failed for a
 deterministic reason does not; on GPU hosts the build runs without the node's engine-start lock,
-which is held only for the engine's start (serve/start_lock.py); a build that cannot fit Ray's
-engine start timeout is refused (serve/start_budget.py), in the config and in the replica.
+which is held only for the engine's start (serve/engine/start_lock.py); a build that cannot fit Ray's
+engine start timeout is refused (serve/config/start_budget.py), in the config and in the replica.
 
 Real parts: the engine server (SlimServer on Ray Serve LLM's LLMServer.start), the on-load hook,
 optimize() with the artifact cache, the optimizer's child process and the signal that kills it.
@@ -25,13 +25,13 @@ import time
 
 import pytest
 
-from slimserve.optimizers import pipeline
-from slimserve.serve import server as server_module
-from slimserve.serve import start_lock
+from slimserve.optimizers.build import pipeline
+from slimserve.serve.engine import server as server_module
+from slimserve.serve.engine import start_lock
 from slimserve.serve.app import llm_config_for
-from slimserve.serve.config_file import load_config
-from slimserve.serve.retry import describe_retry
-from slimserve.serve.server import SlimServer
+from slimserve.serve.config.file import load_config
+from slimserve.serve.config.retry import describe_retry
+from slimserve.serve.engine.server import SlimServer
 
 pytestmark = pytest.mark.heavy
 
@@ -197,7 +197,7 @@ def test_a_gpu_build_runs_without_the_engine_start_lock(tmp_path, monkeypatch, c
 def test_a_build_that_cannot_fit_rays_start_timeout_is_refused_in_the_config():
     from pydantic import ValidationError
 
-    from slimserve.serve.config import SlimserveConfig
+    from slimserve.serve.config.schema import SlimserveConfig
 
     def config(build_s):
         return {"models": [{"name": "m", "deployment": {"env": {"RAYLLM_ENGINE_START_TIMEOUT_S": "400"}},
@@ -222,7 +222,7 @@ def test_the_replica_refuses_a_build_its_ray_limit_cannot_hold():
     """The limit Ray Serve LLM really read in a process (its env var), checked before building."""
     code = textwrap.dedent("""
         from slimserve.serve.handoff import OnLoadSpec
-        from slimserve.serve.onload import check_start_budget
+        from slimserve.serve.engine.onload import check_start_budget
         spec = dict(model="m", variant="v", source="default", optimization={"method": "w8a8"}, cache_dir="/tmp",
                     accelerator="cpu", engine_start_timeout_s=2)
         check_start_budget(OnLoadSpec(**spec, build_timeout_s=1))  # 3 + 2 fits 5

@@ -10,11 +10,11 @@ import pytest
 
 import numpy as np
 
-from slimserve.serve.rollout import RolloutController
-from slimserve.serve.rollout_config import RolloutSettings
-from slimserve.serve.rollout_evidence import Histogram, RolloutEvidence, decide, outcome_of, update_bounds
-from slimserve.serve.rollout_sequential import design_effect, log_evidence, more_needed, p_value, rejects
-from slimserve.serve.rollout_state import StateStore
+from slimserve.serve.rollout.controller import RolloutController
+from slimserve.serve.config.rollout import RolloutSettings
+from slimserve.serve.rollout.evidence import Histogram, RolloutEvidence, decide, outcome_of, update_bounds
+from slimserve.serve.rollout.sequential import design_effect, log_evidence, more_needed, p_value, rejects
+from slimserve.serve.rollout.state import StateStore
 
 
 def settings(**kw) -> RolloutSettings:

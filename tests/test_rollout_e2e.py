@@ -98,7 +98,7 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
         assert {v["variant"]: v["traffic_share"] for v in card["variants"]} == {"baseline": 0.0, "int8": 1.0}
         assert card["rollout"]["status"] == "promoted"
         env = {**os.environ, "SLIMSERVE_ADMIN_KEYS": ADMIN_KEY}
-        out = subprocess.run([sys.executable, "-m", "slimserve.serve.cli", "rollout", "status", "--url", main_app,
+        out = subprocess.run([sys.executable, "-m", "slimserve.serve.commands.cli", "rollout", "status", "--url", main_app,
                               "--model", "smollm2"], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
         assert out.returncode == 0 and "promoted" in out.stdout and "advance" in out.stdout, out.stderr
         # Exported on Ray's metrics port (what Prometheus scrapes; the alert and dashboard use them).

@@ -1,4 +1,4 @@
-"""The rollout's state file (serve/rollout_state.py), on a real folder: written atomically and
+"""The rollout's state file (serve/rollout/state.py), on a real folder: written atomically and
 durably; a corrupt file is an error the operator sees once and resolves, never a warning every
 tick nor a silent restart of the rollout."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import os
 
-from slimserve.serve.rollout import RolloutController
-from slimserve.serve.rollout_config import RolloutSettings
-from slimserve.serve.rollout_state import StateStore
+from slimserve.serve.rollout.controller import RolloutController
+from slimserve.serve.config.rollout import RolloutSettings
+from slimserve.serve.rollout.state import StateStore
 
 
 def controller(tmp_path) -> RolloutController:

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import free_port
 
-from slimserve.serve.local import RAY_SERVE_ENV
+from slimserve.serve.commands.local import RAY_SERVE_ENV
 
 pytestmark = [pytest.mark.standalone, pytest.mark.e2e]
 
@@ -63,7 +63,7 @@ class Run:
 
     def __init__(self, config_path, port: int | None = None, command: list[str] | None = None):
         self.proc = subprocess.Popen(
-            command or [sys.executable, "-m", "slimserve.serve.cli", "run", str(config_path),
+            command or [sys.executable, "-m", "slimserve.serve.commands.cli", "run", str(config_path),
                         "--port", str(port or free_port()), "--metrics-port", str(free_port())],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             # Without the test session's Ray Serve settings: `slimserve run` must set its own.

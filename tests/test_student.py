@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from slimserve.optimizers.cache import MANIFEST, sha256_file
-from slimserve.optimizers.pipeline import optimize
+from slimserve.optimizers.cache.store import MANIFEST, sha256_file
+from slimserve.optimizers.build.pipeline import optimize
 from slimserve.optimizers.quality import QualityGateFailed
 
 # The optimizer child process, vLLM engines or training: minutes on CPU (not in `make test-fast`).
@@ -27,7 +27,7 @@ def student(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("student") / "smollm2-student"
     prune = '{"layers_keep": 0.7, "calibration": {"samples": 4, "seq_len": 64}}'
     r = subprocess.run(
-        [sys.executable, "-m", "slimserve.serve.cli", "distill", "--teacher", "default", "--student-prune", prune,
+        [sys.executable, "-m", "slimserve.serve.commands.cli", "distill", "--teacher", "default", "--student-prune", prune,
          "--out", str(out), "--steps", "3", "--seq-len", "64", "--batch-size", "2", "--lr", "3e-4"],
         capture_output=True, text=True, timeout=900,
     )
@@ -49,7 +49,7 @@ def test_student_build_measures_agreement_and_is_cached_by_content(student, tmp_
     again = optimize("default", {"method": "student", "path": str(student)}, tmp_path, QUALITY)
     assert again.cache_hit is True and again.path == first.path
     # A retrained student (other bytes, same path) is a new cache key, never the stale artifact.
-    from slimserve.optimizers.pipeline import cache_key
+    from slimserve.optimizers.build.pipeline import cache_key
     from slimserve.optimizers.registry import parse
 
     spec = parse({"method": "student", "path": str(student)})
@@ -75,7 +75,7 @@ def test_a_student_with_another_tokenizer_is_refused(student, tmp_path):
     (alien / "config.json").write_text(json.dumps({**cfg, "vocab_size": 32000}))
     with pytest.raises(RuntimeError, match="failed"):  # the child process says why on stderr
         optimize("default", {"method": "student", "path": str(alien)}, tmp_path, QUALITY)
-    from slimserve.optimizers.student import _check_tokenizer
+    from slimserve.optimizers.methods.student import _check_tokenizer
     from slimserve.optimizers.models import resolve_source
 
     with pytest.raises(ValueError, match="must share the teacher's tokenizer"):

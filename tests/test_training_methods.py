@@ -10,7 +10,7 @@ import pytest
 from builds import build_each
 from vllm_checkpoints import assert_serves_the_judged_model, vllm_load_each
 
-from slimserve.optimizers.pipeline import QualityGateFailed, optimize
+from slimserve.optimizers.build.pipeline import QualityGateFailed, optimize
 
 # Training, the optimizer child process and a vLLM engine: minutes on CPU (not in `make test-fast`).
 pytestmark = pytest.mark.heavy

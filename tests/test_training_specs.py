@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slimserve.optimizers.registry import methods, parse
-from slimserve.serve.config_file import ConfigError, load_config
+from slimserve.serve.config.file import ConfigError, load_config
 
 
 def test_the_training_methods_are_in_the_registry():
@@ -67,7 +67,7 @@ def tiny_llama():
 def test_weight_masks_grow_monotonically_to_the_pattern(pattern):
     import torch
 
-    from slimserve.optimizers.gradual_sparse import WeightMasks
+    from slimserve.optimizers.training.gradual_sparse import WeightMasks
 
     model = tiny_llama().train()
     masks = WeightMasks(model, pattern)

@@ -50,7 +50,7 @@ def models_when_up(base: str, timeout_s: float = 120) -> tuple[dict, float]:
     replica's own start (10 s seen under a niced busy process), which is not what is measured."""
     from ray import serve
 
-    from slimserve.serve.config_file import INGRESS_DEPLOYMENT
+    from slimserve.serve.config.file import INGRESS_DEPLOYMENT
 
     def ingress_healthy() -> bool:
         app = serve.status().applications.get(APP)

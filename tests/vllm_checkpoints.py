@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 from slimserve.serve.app import CPU_INT4_W4A8
-from slimserve.serve.config import EngineSettings
+from slimserve.serve.config.schema import EngineSettings
 
 PROMPT = "The capital of France is"
 

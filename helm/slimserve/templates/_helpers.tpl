@@ -49,7 +49,7 @@ rebuilds the application and restarts every engine.
 */}}
 {{/*
 A pod's termination grace: the ingress's drain (slimserve.ingress.drain_timeout_s, 300 s by default
-as in serve/ingress_config.py) plus 30 s for Serve and Ray to shut down after it.
+as in serve/config/ingress.py) plus 30 s for Serve and Ray to shut down after it.
 */}}
 {{- define "slimserve.terminationGraceSeconds" -}}
 {{- $drain := (.Values.slimserve.ingress | default dict).drain_timeout_s | default 300 -}}

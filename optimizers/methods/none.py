@@ -1,0 +1,17 @@
+"""`none`: serve the base checkpoint as it is (the baseline of an A/B test)."""
+
+from typing import Literal
+
+from slimserve.optimizers.registry import Optimization, register
+
+
+@register
+class NoOptimization(Optimization):
+    """Serve the base model unchanged (already-quantized checkpoints are served this way too)."""
+
+    method: Literal["none"] = "none"
+    needs_optimizer_env = False
+
+    @property
+    def produces_artifact(self) -> bool:
+        return False
