@@ -26,16 +26,16 @@ def main() -> None:
     args = ap.parse_args()
     # Build everything first, so that no optimization runs while an engine is timed.
     built = {name: optimize("default", spec, args.cache) for name, spec in CHECKPOINTS.items()}
-    quality = built["gptq-w4-g64"].manifest["report"]["quality"]
+    quality = built["gptq-w4-g64"].manifest.report.quality
     rows = {}
     for name, r in built.items():
-        gate = r.manifest.get("report", {}).get("quality", {}).get("perplexity", quality["base_perplexity"])
+        gate = r.manifest.report.quality.perplexity if r.manifest and r.manifest.report.quality else quality.base_perplexity
         for int8 in (False, True) if name != "bf16" else (False,):
-            measured = throughput(r.path, "int8" if int8 else "bfloat16", quality["held_out"])
+            measured = throughput(r.path, "int8" if int8 else "bfloat16", quality.held_out.model_dump())
             if "error" in measured:
                 raise RuntimeError(f"{name}: {measured['error']}")
             row = {"gate_perplexity_transformers": gate, **measured}
-            row["ppl_ratio_vs_bf16_gate"] = round(row["perplexity"] / quality["base_perplexity"], 4)
+            row["ppl_ratio_vs_bf16_gate"] = round(row["perplexity"] / quality.base_perplexity, 4)
             rows[f"{name} {'int8' if int8 else 'bf16'} activations"] = row
             print(name, int8, row, flush=True)
     write_result(args.out, "bench/cpu_int4_activations.py", rows)

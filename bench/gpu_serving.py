@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import gpu_models
 import httpx
 from servers import stop_server
 
@@ -45,12 +46,6 @@ DECODE_TOKENS = 256
 # compile per quantization scheme (the lease is 30 minutes). Same settings for every server.
 COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "max_cudagraph_capture_size": 64}
 MAX_MODEL_LEN = 2048
-SHAPES = {
-    "llama8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, rope_theta=500000.0),
-    "llama1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                    num_key_value_heads=4),
-}
 VARIANTS = {
     "bf16": {},
     "w4a16": {"optimization": {"method": "rtn", "bits": 4, "group_size": 128}},
@@ -93,26 +88,7 @@ def log(msg: str) -> None:
 # --- models -------------------------------------------------------------------------------
 
 def make_model(name: str, path: Path) -> dict:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(ARGS.tokenizer)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=8192, tie_word_embeddings=False, **SHAPES[name])
-    t0 = time.monotonic()
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    for extra in Path(ARGS.tokenizer).glob("chat_template.jinja"):
-        shutil.copy(extra, path)
-    del model
-    torch.cuda.empty_cache()
-    return {"parameters": params, "bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
-            "seconds": round(time.monotonic() - t0, 1), "weights": "random (normal, std 0.02), made on the GPU"}
+    return gpu_models.make_model(name, path, ARGS.tokenizer)
 
 
 # --- servers ------------------------------------------------------------------------------
@@ -369,8 +345,8 @@ def phase_gptq(R: dict) -> None:
     r = optimize(str(WORK / "llama1b"), {"method": "gptq", "bits": 4, "group_size": 128,
                                          "calibration": {"text": "pydoc", "samples": 128, "seq_len": 512}},
                  WORK / "cache-gptq", {"measure": False})
-    R["gptq_1b"] = {"seconds": round(time.monotonic() - t0, 1), "build_seconds": r.manifest.get("build_seconds"),
-                    "report": r.manifest.get("report"), "parameters": R.get("models", {}).get("llama1b", {}).get("parameters")}
+    R["gptq_1b"] = {"seconds": round(time.monotonic() - t0, 1), "build_seconds": r.manifest.build_seconds,
+                    "report": r.manifest.report.to_json_dict(), "parameters": R.get("models", {}).get("llama1b", {}).get("parameters")}
 
 
 PLAIN = """

@@ -45,18 +45,19 @@ def main() -> None:
     base_size = size_on_disk(built["bf16"].base)
     rows = {}
     for name, r in built.items():
-        report = r.manifest.get("report", {})
+        report = r.manifest.report if r.manifest else None
+        facts, q = (report.model_extra, report.quality) if report else ({}, None)  # the method's own facts; the gate's
         rows[name] = {
             "method": r.method,
-            "optimize_seconds": report.get("optimize_seconds"),
+            "optimize_seconds": report.optimize_seconds if report else None,
             "size_mb": round(size_on_disk(r.path) / 1e6, 1),
             "size_vs_bf16": round(size_on_disk(r.path) / base_size, 3),
-            "parameters": report.get("parameters"),
-            "weight_sparsity": report.get("weight_sparsity"),
-            "healing": {k: report["healing"][k] for k in ("perplexity_before", "perplexity_after", "steps", "seconds")}
-            if report.get("healing") else None,
-            "ppl": report.get("quality", {}).get("perplexity"),
-            "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
+            "parameters": facts.get("parameters"),
+            "weight_sparsity": facts.get("weight_sparsity"),
+            "healing": {k: facts["healing"][k] for k in ("perplexity_before", "perplexity_after", "steps", "seconds")}
+            if facts.get("healing") else None,
+            "ppl": q.perplexity if q else None,
+            "ppl_ratio": q.ppl_ratio if q else None,
             "runs": [],
         }
     for _ in range(args.repeat):

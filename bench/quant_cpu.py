@@ -92,14 +92,15 @@ def main() -> None:
     built = {name: optimize("default", spec, args.cache) for name, spec in VARIANTS.items()}
     base_size = size_on_disk(built["bf16"].base)
     for name, r in built.items():
-        report = r.manifest.get("report", {})
+        report = r.manifest.report if r.manifest else None
+        q = report.quality if report else None
         rows[name] = {
             "method": r.method,
-            "optimize_seconds": report.get("optimize_seconds"),
+            "optimize_seconds": report.optimize_seconds if report else None,
             "size_mb": round(size_on_disk(r.path) / 1e6, 1),
             "size_vs_bf16": round(size_on_disk(r.path) / base_size, 3),
-            "ppl": report.get("quality", {}).get("perplexity"),
-            "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
+            "ppl": q.perplexity if q else None,
+            "ppl_ratio": q.ppl_ratio if q else None,
             **throughput(r.path),
         }
         print(name, rows[name], flush=True)

@@ -76,14 +76,15 @@ def main() -> None:
             continue
         t0 = time.monotonic()
         r = optimize(a.source, spec, a.cache, gate)
-        report = r.manifest.get("report", {})
+        q = r.manifest.report.quality if r.manifest else None
+        facts = r.manifest.report.model_extra if r.manifest else {}  # the method's own facts
         rows[name] = {
             "spec": spec, "cache_hit": r.cache_hit, "seconds": round(time.monotonic() - t0, 1),
-            "ppl": report.get("quality", {}).get("perplexity"), "ppl_ratio": report.get("quality", {}).get("ppl_ratio"),
+            "ppl": q.perplexity if q else None, "ppl_ratio": q.ppl_ratio if q else None,
             "size_vs_base": round(size_on_disk(r.path) / size_on_disk(r.base), 3),
-            **{k: report[k] for k in ("parameters", "perplexity_fake_quant_before", "perplexity_fake_quant_after",
+            **{k: facts[k] for k in ("parameters", "perplexity_fake_quant_before", "perplexity_fake_quant_after",
                                       "export_matches_training", "intermediate_size", "adapter_parameters",
-                                      "weight_sparsity", "is_2_4") if k in report},
+                                      "weight_sparsity", "is_2_4") if k in facts},
         }
         print(f"{name:26s} ppl ratio {rows[name]['ppl_ratio']}  size {rows[name]['size_vs_base']}x  "
               f"{rows[name]['seconds']} s", flush=True)

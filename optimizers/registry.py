@@ -2,7 +2,9 @@
 
 Each method is a pydantic model of its own parameters (what a user writes under a variant's
 `optimization:` key) with a `run(base, out)` that writes an optimized Hugging Face checkpoint into
-`out`. Adding a method is adding one file to this package that applies `@register` to its class.
+`out`. Adding a method is adding one file to this package that applies `@register` to its class,
+which sets its `version` (1, bumped when its output changes) and, when its checkpoints need
+particular kernels, `runs_on` (where vLLM runs them).
 
 Method modules import their heavy libraries (torch, llm-compressor) inside `run`, so that the
 registry and the config schema load fast and in any environment.
@@ -10,17 +12,54 @@ registry and the config schema load fast and in any environment.
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import functools
-import hashlib
 import importlib
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 _REGISTRY: dict[str, type["Optimization"]] = {}
+
+# Bumped when slimserve's shared build code changes what an artifact holds for the same method and
+# inputs: the child's steps and its report (build/worker.py), the perplexity it measures
+# (quality.py), the calibration windows (calibration.py), the llm-compressor step
+# (methods/quantize.py), the KD trainer and student init (training/). It goes into every cache key
+# beside the method's own `version`: a bump rebuilds every artifact (to rebuild fewer, bump the
+# versions of the methods whose output changed instead). tests/test_build_digests.py fails when a
+# method's output changes and neither version did.
+BUILD_VERSION = 1
+
+# Where an engine runs, in vLLM's platform names (vllm.platforms: CpuPlatform, CudaPlatform).
+Device = Literal["cpu", "cuda"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunsOn:
+    """Where vLLM has kernels for the checkpoints a method writes, declared the way vLLM's
+    quantization configs declare it (the platforms' supported quantizations;
+    QuantizationConfig.get_min_capability / the compressed-tensors schemes' minimum): the device
+    kinds, and on CUDA the minimum compute capability. `slimserve config validate` checks it
+    against the config's `hosts`, and the on-load hook against the host, before any build."""
+
+    devices: frozenset[Device] = frozenset({"cpu", "cuda"})
+    min_capability: tuple[int, int] | None = None  # CUDA compute capability (major, minor); None: any
+    reason: str = ""  # why: the kernels behind `devices` and `min_capability`, shown in a refusal
+
+    def needs(self) -> str:
+        """`a CUDA GPU of compute capability >= 8.9`, `a CPU or a CUDA GPU`, ..."""
+        gpu = "a CUDA GPU" + (f" of compute capability >= {self.min_capability[0]}.{self.min_capability[1]}"
+                              if self.min_capability else "")
+        return gpu if self.devices == {"cuda"} else "a CPU" if self.devices == {"cpu"} else f"a CPU or {gpu}"
+
+    def refusal(self, method: str, device: Device, capability: tuple[int, int] | None = None) -> str | None:
+        """Why `method` cannot run on `device` (of compute `capability`, when known), or None."""
+        fits = device in self.devices and not (
+            device == "cuda" and capability is not None and self.min_capability and tuple(capability) < self.min_capability
+        )
+        return None if fits else f"{method} needs {self.needs()}" + (f" ({self.reason})" if self.reason else "")
 
 
 class Optimization(BaseModel):
@@ -33,11 +72,23 @@ class Optimization(BaseModel):
     libraries: ClassVar[tuple[str, ...]] = ()
     # Whether `run` needs llm-compressor, which lives in the optimizer environment.
     needs_optimizer_env: ClassVar[bool] = True
+    # Where its checkpoints run (the default: unquantized weights, which run wherever vLLM does).
+    runs_on: ClassVar[RunsOn] = RunsOn()
+    # Every registered method sets its own, starting at 1, and bumps it when what `run` writes for
+    # the same parameters and inputs changes: it goes into the cache key (with BUILD_VERSION), so a
+    # bump rebuilds this method's artifacts and nothing else. tests/test_build_digests.py records a
+    # tiny build's output per version.
+    version: ClassVar[int]
 
-    @property
-    def runs_on_vllm_cpu(self) -> bool:
-        """Whether vLLM's CPU build has kernels for the checkpoint this method writes."""
-        return True
+    def platforms(self) -> RunsOn:
+        """Where the checkpoint of these parameters runs: `runs_on`, unless a parameter narrows it
+        (gptq/rtn/qat/qlora: vLLM CPU takes grouped 4-bit weights only)."""
+        return self.runs_on
+
+    def engine_env(self, device: Device) -> dict[str, str]:
+        """Environment the engine serving this checkpoint on `device` runs fastest with (a kernel
+        choice, measured: docs/BENCHMARKS.md). The variant's `deployment.env` overrides it."""
+        return {}
 
     @property
     def produces_artifact(self) -> bool:
@@ -55,6 +106,9 @@ def register(cls: type[Optimization]) -> type[Optimization]:
     name = cls.model_fields["method"].default
     if not isinstance(name, str) or name in _REGISTRY:
         raise ValueError(f"cannot register optimization {cls.__name__} under {name!r}")
+    version = vars(cls).get("version")  # its own, never a base class's: each method bumps its own
+    if type(version) is not int or version < 1:
+        raise ValueError(f"optimization {cls.__name__} ({name}) must set `version = 1` (an int, bumped when its output changes)")
     _REGISTRY[name] = cls
     return cls
 
@@ -87,52 +141,7 @@ def parse(spec: dict[str, Any] | str | Optimization) -> Optimization:
     return available[name].model_validate(spec)
 
 
-# Modules whose code shapes every artifact besides the method's own: the child process's entry
-# point (it runs the method and measures perplexity) and what it imports.
-_BUILD_ROOTS = ("build.worker",)
-
-
-def _module_file(package_dir: Path, name: str) -> Path:
-    return package_dir / (name.replace(".", "/") + ".py")
-
-
-def _package_imports(path: Path, package_dir: Path) -> set[str]:
-    """Names (relative to this package, e.g. `methods.quantize`) of this package's modules that
-    `path` imports, top-level or inside a function (method modules import their helpers inside `run`)."""
-    package = __package__ or "slimserve.optimizers"
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        names: list[str] = []
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(package):
-            base = node.module[len(package) + 1:]
-            names = [base] + [f"{base}.{a.name}".lstrip(".") for a in node.names]
-        elif isinstance(node, ast.Import):
-            names = [a.name[len(package) + 1:] for a in node.names if a.name.startswith(package + ".")]
-        found.update(n for n in names if n and _module_file(package_dir, n).is_file())
-    return found
-
-
-def code_digest(spec: "Optimization | type[Optimization] | str", package_dir: Path | None = None) -> str:
-    """sha256 of the slimserve code that builds an artifact of this method: the method's module,
-    the child process's entry point (`build.worker`: it also measures perplexity), the package's
-    `__init__`, and every module of this package they import, transitively (e.g. `methods.structured`:
-    training.kd_trainer, quality, calibration, registry). It goes into the cache key, so an artifact
-    built by other code is never served as a hit. `spec`: a method instance or class, or a module
-    name relative to the package; `package_dir` (tests): read the sources from there instead."""
-    package_dir = Path(package_dir) if package_dir is not None else Path(__file__).parent
-    package = __package__ or "slimserve.optimizers"
-    if isinstance(spec, str):
-        stem = spec
-    else:
-        stem = (spec if isinstance(spec, type) else type(spec)).__module__[len(package) + 1:]
-    todo, seen = [stem, *_BUILD_ROOTS, "__init__"], set()
-    while todo:
-        name = todo.pop()
-        if name in seen or not _module_file(package_dir, name).is_file():
-            continue
-        seen.add(name)
-        todo.extend(_package_imports(_module_file(package_dir, name), package_dir) - seen)
-    h = hashlib.sha256()
-    for name in sorted(seen):
-        h.update(f"{name}.py\0{hashlib.sha256(_module_file(package_dir, name).read_bytes()).hexdigest()}\n".encode())
-    return h.hexdigest()
+def code_versions(spec: "Optimization | type[Optimization]") -> dict[str, int]:
+    """slimserve's own part of an artifact's cache key: the method's `version` and BUILD_VERSION."""
+    cls = spec if isinstance(spec, type) else type(spec)
+    return {"method_version": cls.version, "build_version": BUILD_VERSION}

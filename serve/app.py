@@ -16,24 +16,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 
 from slimserve.serve.handoff import VariantRoute
 from slimserve.serve.config.schema import ModelSpec, SlimserveConfig, Variant
 from slimserve.serve.config.file import INGRESS_DEPLOYMENT, load_config
+from slimserve.serve.engine.cache_volume import volume_token
 from slimserve.serve.engine.cpu_binding import SLOTS_ENV, core_binder, slots_for
 from slimserve.serve.handoff import IngressSpec, IngressWeights, OnLoadSpec
 from slimserve.serve.http.ingress import SlimserveIngress
 from slimserve.serve.engine.onload import OptimizeOnLoad
 from slimserve.serve.engine.placement import EngineDemand, memory_utilization, resolve_shares, unplaceable
-from slimserve.serve.rayllm import experimental_configs
+from slimserve.serve.rayllm import bound_engines, experimental_configs, pin_version
 from slimserve.serve.engine.server import SlimServer
+from slimserve.serve.rollout.owner import RolloutOwner
 from slimserve.serve.config.start_budget import RAY_ENGINE_START_TIMEOUT_ENV, start_budget_s
 
 log = logging.getLogger("slimserve.app")
 
 # A model's settings that only the ingress uses: changing them must not restart its engines.
+ROLLOUT_OWNER_DEPLOYMENT = "slimserve-rollouts"  # one replica per app, when a model has a rollout
 INGRESS_ONLY_MODEL_FIELDS = {"variants", "sticky", "shadow", "probe", "rollout"}
 
 # Passed from the process that builds the app to every replica, when set.
@@ -68,8 +72,9 @@ def engine_demands(cfg: SlimserveConfig) -> list[EngineDemand]:
     for model in cfg.models:
         for variant in model.variants:
             eng = model.engine_for(variant)
-            for r in range(model.deployment.replicas):
-                who = f"{model.name}/{variant.name}" + (f"#{r + 1}" if model.deployment.replicas > 1 else "")
+            replicas = model.max_replicas_for(variant)  # autoscaling: planned at its maximum
+            for r in range(replicas):
+                who = f"{model.name}/{variant.name}" + (f"#{r + 1}" if replicas > 1 else "")
                 out.append(EngineDemand(who, eng.tensor_parallel_size, eng.gpu_share))
     return out
 
@@ -89,7 +94,8 @@ CPU_INT4_W4A8 = {"bfloat16": "0", "int8": "1"}
 
 
 def llm_config_for(
-    cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None, gpu_share: float = 1.0
+    cfg: SlimserveConfig, model: ModelSpec, variant: Variant, accel: str, bind_cores=None, gpu_share: float = 1.0,
+    volume_token: str | None = None,
 ) -> LLMConfig:
     eng = model.engine_for(variant)
     dep = model.deployment
@@ -117,8 +123,10 @@ def llm_config_for(
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", dep.cpu_threads_bind)
         elif bind_cores is not None:
             # Cores of its own for every replica: one slot each, claimed when the replica starts.
-            slots = slots_for(bind_cores, dep.replicas, eng.tensor_parallel_size)
-            if dep.replicas == 1:
+            # With autoscaling, a slot for every replica up to max_replicas: one Serve adds later
+            # finds cores that no other engine was given.
+            slots = slots_for(bind_cores, model.max_replicas_for(variant), eng.tensor_parallel_size)
+            if len(slots) == 1:
                 env.setdefault("VLLM_CPU_OMP_THREADS_BIND", slots[0])
             else:
                 env.setdefault(SLOTS_ENV, ";".join(slots))
@@ -138,12 +146,16 @@ def llm_config_for(
             # its deployment builder does not take (seen with Ray 2.58.1 + vLLM 0.26 on an H200).
             env["VLLM_RAY_PER_WORKER_GPUS"] = f"{gpu_share:g}"
         engine_kwargs.setdefault("gpu_memory_utilization", memory_utilization(gpu_share))
+        # The method's fastest kernels (W4A16: Marlin); what the user put in deployment.env stays.
+        for key, value in variant.optimization.engine_env("cuda").items():
+            env.setdefault(key, value)
     source = model.source
     return LLMConfig(
         model_loading_config={"model_id": model.model_id(variant), **({"model_source": source} if source != "default" else {})},
         engine_kwargs=engine_kwargs,
         deployment_config={
-            "num_replicas": dep.replicas,
+            **({"autoscaling_config": scaling.serve_config()} if (scaling := model.autoscaling_for(variant))
+               else {"num_replicas": dep.replicas}),
             "max_ongoing_requests": dep.max_ongoing_requests,
             "max_queued_requests": dep.max_queued_requests,
             "ray_actor_options": actor_options,
@@ -156,6 +168,7 @@ def llm_config_for(
             "callback_class": OptimizeOnLoad,
             "callback_kwargs": OnLoadSpec(
                 model=model.name, variant=variant.name, source=source, cache_dir=cfg.cache_dir, accelerator=accel,
+                cache_volume_token=volume_token,
                 optimization=variant.optimization.model_dump(mode="json"), quality=variant.quality.model_dump(mode="json"),
                 required=variant.required, build_timeout_s=variant.build_timeout_s, cache_max_gib=cfg.cache_max_gib,
                 engine_start_timeout_s=variant.engine_start_timeout_s, prepare_retry=variant.prepare_retry,
@@ -189,7 +202,8 @@ def build_ingress_spec(cfg: SlimserveConfig) -> dict[str, Any]:
 def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Application:
     """`gpus`: GPUs per node to plan GPU shares against; default: the connected Ray cluster's."""
     accel = accelerator()
-    ranks = sum(m.engine_for(v).tensor_parallel_size * m.deployment.replicas for m in cfg.models for v in m.variants)
+    cfg.hosts.check_host(accel)  # a config for the other kind of host: refused before anything starts
+    ranks = sum(m.engine_for(v).tensor_parallel_size * m.max_replicas_for(v) for m in cfg.models for v in m.variants)
     bind = core_binder(len(os.sched_getaffinity(0)), ranks) if accel == "cpu" else None
     shares: dict[str, float] = {}
     if accel == "gpu":
@@ -200,19 +214,27 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
             # `waiting_for_resources` with the reason; `slimserve run` refuses to start instead.
             log.warning("slimserve: %s", problem)
         log.info("slimserve: GPU shares %s", shares)
+    token = volume_token(cfg.cache_dir, cfg.cache_volume)
     llm_configs = [
-        llm_config_for(cfg, model, variant, accel, bind, gpu_share=shares.get(f"{model.name}/{variant.name}", 1.0))
+        llm_config_for(cfg, model, variant, accel, bind, gpu_share=shares.get(f"{model.name}/{variant.name}", 1.0),
+                       volume_token=token)
         for model in cfg.models for variant in model.variants
     ]
     log.info("slimserve: %d engine deployment(s) on %s", len(llm_configs), accel)
     ingress_kwargs = {"spec": build_ingress_spec(cfg)}
+    owner = rollout_owner(ingress_kwargs["spec"])
     app = build_openai_app(
         {
             "llm_configs": llm_configs,
-            "ingress_cls_config": {"ingress_cls": SlimserveIngress, "ingress_extra_kwargs": ingress_kwargs},
+            "ingress_cls_config": {
+                "ingress_cls": SlimserveIngress,
+                "ingress_extra_kwargs": {**ingress_kwargs, "rollout_owner": owner} if owner else ingress_kwargs,
+            },
             "ingress_deployment_config": {
                 "name": INGRESS_DEPLOYMENT,  # a Serve config's `deployments` entry names it
                 "num_replicas": cfg.ingress.replicas,
+                **({"max_replicas_per_node": cfg.ingress.max_replicas_per_node}
+                   if cfg.ingress.max_replicas_per_node else {}),
                 # The ingress only forwards; on a small CPU host a CPU reservation would starve engines.
                 "ray_actor_options": {"num_cpus": 0},
                 # A replaced ingress (a changed config) finishes its streams before it goes.
@@ -225,6 +247,22 @@ def build_from_config(cfg: SlimserveConfig, gpus: list[int] | None = None) -> Ap
     )
     _pin_versions(app, cfg, ingress_kwargs, shares)
     return app
+
+
+def rollout_owner(spec: dict[str, Any]) -> Application | None:
+    """The app's one rollout owner (rollout/owner.py) when a model has a `rollout:` block: a
+    deployment of one replica that Ray restarts where there is room; every ingress replica
+    reports to it. Its version is its arguments, so a redeploy that keeps them keeps it running
+    (and its evidence)."""
+    if not spec["rollouts"]:
+        return None
+    args = {"rollouts": spec["rollouts"], "folder": spec["rollout_dir"]}
+    owner = serve.deployment(
+        RolloutOwner, name=ROLLOUT_OWNER_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    ).bind(**args)
+    pin_version(owner, _digest(args))
+    return owner
 
 
 def ingress_weights(cfg: SlimserveConfig) -> IngressWeights:
@@ -243,20 +281,24 @@ def _pin_versions(app: Application, cfg: SlimserveConfig, ingress_kwargs: dict[s
     replica. (A RayService / `serve deploy` config derives one version from the whole app's args
     instead: there a change of args restarts the engines too, which come back from the artifact
     cache; the Helm chart therefore passes weights as the ingress's user_config, not in args.)"""
-    engines = app._bound_deployment.init_kwargs["llm_deployments"]
+    engines = bound_engines(app)
     for model in cfg.models:
         for variant in model.variants:
-            engines[model.model_id(variant)]._bound_deployment._version = engine_version(cfg, model, variant, shares)
-    app._bound_deployment._version = ingress_version(ingress_kwargs)
+            pin_version(engines[model.model_id(variant)], engine_version(cfg, model, variant, shares))
+    pin_version(app, ingress_version(ingress_kwargs))
 
 
 def engine_version(cfg: SlimserveConfig, model: ModelSpec, variant: Variant, shares: dict[str, float]) -> str:
-    """What a variant's engine runs: not the weights, nor what only the ingress uses."""
+    """What a variant's engine runs: not the weights, nor what only the ingress uses. Of its
+    scaling only the replicas planned for (its cores and GPU share depend on them): Serve applies a
+    new min_replicas, target or delay to the running replicas without restarting them."""
     return _digest({
         "cache_dir": cfg.cache_dir,
-        "model": model.model_dump(mode="json", exclude=INGRESS_ONLY_MODEL_FIELDS),
-        "variant": variant.model_dump(mode="json", exclude={"weight"}),
+        "model": model.model_dump(mode="json", exclude={**dict.fromkeys(INGRESS_ONLY_MODEL_FIELDS, True),
+                                                        "deployment": {"replicas": True, "autoscaling": True}}),
+        "variant": variant.model_dump(mode="json", exclude={"weight", "autoscaling"}),
         "gpu_share": shares.get(f"{model.name}/{variant.name}"),
+        "replicas_planned": model.max_replicas_for(variant),
     })
 
 

@@ -172,10 +172,10 @@ def test_a_build_that_ends_normally_is_unchanged(tmp_path, monkeypatch):
         out = Path(json.loads(sys.argv[1])["out"])
         (out / "config.json").write_text("{}")
         print("building", file=sys.stderr)
-        print("SLIMSERVE_RESULT " + json.dumps({"ok": 1}))
+        print("SLIMSERVE_RESULT " + json.dumps({"optimize_seconds": 0.1, "ok": 1}))
     """))
     monkeypatch.setattr(pipeline, "_child_command", lambda python, request: [sys.executable, str(script), request])
     r = optimize("default", SPEC, tmp_path, NO_QUALITY, build_timeout_s=60)
-    assert r.cache_hit is False and r.manifest["report"] == {"ok": 1}
+    assert r.cache_hit is False and r.manifest.report.to_json_dict() == {"optimize_seconds": 0.1, "ok": 1}
     assert optimize("default", SPEC, tmp_path, NO_QUALITY).cache_hit is True
     assert [e.key for e in ArtifactCache(tmp_path).entries()] == [r.path.name]

@@ -1,11 +1,10 @@
 """The artifact cache over time, on real files and real processes: what the key covers (slimserve's
-own code), a bounded wait for another builder that says who it is, stale leftovers cleaned, and a
+own code, by its versions), a bounded wait for another builder that says who it is, stale leftovers cleaned, and a
 size cap with least-recently-used eviction that never evicts an artifact in use; `slimserve cache`."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,9 +16,8 @@ import pytest
 
 from slimserve.optimizers.build import pipeline
 from slimserve.optimizers.cache.store import IN_USE, ArtifactCache, LockTimeout, hold, verify
-from slimserve.optimizers.registry import code_digest, parse
+from slimserve.optimizers.registry import BUILD_VERSION, code_versions, parse
 
-PACKAGE = Path(pipeline.__file__).parent.parent  # optimizers/
 MB = 1 << 20
 
 
@@ -41,49 +39,50 @@ def used_at(path: Path, when: float) -> None:
 # --- the key covers slimserve's own code ---------------------------------------------------------
 
 
-def test_code_digest_covers_the_method_and_the_modules_it_uses(tmp_path):
-    pkg = tmp_path / "optimizers"
-    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    before = {m: code_digest(m, pkg) for m in ("methods.structured", "methods.student", "methods.sparse", "methods.w8a8")}
-    assert before["methods.structured"] == code_digest(parse("structured")) == code_digest(type(parse("structured")))
-
-    def edited(name: str) -> dict[str, str]:
-        with open(pkg / name, "a") as f:
-            f.write("\n# changed\n")
-        return {m: code_digest(m, pkg) for m in before}
-
-    after = edited("training/kd_trainer.py")  # KD healing and the student's training
-    assert after["methods.structured"] != before["methods.structured"] and after["methods.student"] != before["methods.student"]
-    assert after["methods.w8a8"] == before["methods.w8a8"] and after["methods.sparse"] == before["methods.sparse"]
-    before = after
-    after = edited("methods/quantize.py")  # imported inside `run` by the llm-compressor methods
-    assert after["methods.sparse"] != before["methods.sparse"] and after["methods.w8a8"] != before["methods.w8a8"]
-    assert after["methods.structured"] == before["methods.structured"]
-    before = after
-    after = edited("build/worker.py")  # runs every method and measures perplexity
-    assert all(after[m] != before[m] for m in before)
-    before = after
-    after = edited("methods/gptq.py")  # another method: nothing here changes
-    assert after == before
-
-
-def test_changing_slimserve_code_or_version_changes_the_key(monkeypatch):
+def test_a_method_version_or_build_version_bump_changes_the_key(monkeypatch):
     spec = parse({"method": "structured", "mlp_keep": 0.5})
-    same = {"version": "0.1.0", "code": "a" * 64}
+    same = {"method_version": 1, "build_version": 1}
     k = pipeline.cache_key("base", spec, {"torch": "2"}, None, same)
     assert pipeline.cache_key("base", spec, {"torch": "2"}, None, dict(same)) == k
-    assert pipeline.cache_key("base", spec, {"torch": "2"}, None, {**same, "code": "b" * 64}) != k
-    assert pipeline.cache_key("base", spec, {"torch": "2"}, None, {**same, "version": "0.2.0"}) != k
-    # By default the key takes this installation's code digest.
+    assert pipeline.cache_key("base", spec, {"torch": "2"}, None, {**same, "method_version": 2}) != k
+    assert pipeline.cache_key("base", spec, {"torch": "2"}, None, {**same, "build_version": 2}) != k
+    # By default the key takes this installation's versions: the method's own and the build code's.
     default = pipeline.cache_key("base", spec, {"torch": "2"})
-    monkeypatch.setattr(pipeline, "code_digest", lambda s: "c" * 64)
+    assert default == pipeline.cache_key("base", spec, {"torch": "2"}, None, code_versions(spec))
+    monkeypatch.setattr(type(spec), "version", type(spec).version + 1)
     assert pipeline.cache_key("base", spec, {"torch": "2"}) != default
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "code_versions", lambda s: {"method_version": 1, "build_version": BUILD_VERSION + 1})
+    assert pipeline.cache_key("base", spec, {"torch": "2"}) != default
+    # Not slimserve's release: a release that changes no method's output rebuilds nothing.
+    monkeypatch.setattr(pipeline.metadata, "version", lambda name: "99.0")
+    assert pipeline.cache_key("base", spec, {"torch": "2"}, None, same) == k
+
+
+def test_every_method_has_its_own_version():
+    from typing import Literal
+
+    from slimserve.optimizers.registry import Optimization, methods, register
+
+    for name, cls in methods().items():
+        assert type(vars(cls).get("version")) is int and cls.version >= 1, name
+
+    class Unversioned(Optimization):
+        method: Literal["unversioned"] = "unversioned"
+
+    class Inherited(type(parse("rtn"))):  # a version inherited from another method is not its own
+        method: Literal["inherited"] = "inherited"
+
+    for cls in (Unversioned, Inherited):
+        with pytest.raises(ValueError, match="must set `version = 1`"):
+            register(cls)
+    assert "unversioned" not in methods() and "inherited" not in methods()
 
 
 def test_the_worker_refuses_to_build_with_other_code_than_the_key_names(tmp_path):
     with pytest.raises(pipeline.OptimizationFailed, match="other slimserve code"):
         pipeline._run_child(sys.executable, parse("structured"), tmp_path, tmp_path / "out", None, 120,
-                            {"version": "0.1.0", "code": "0" * 64})
+                            {"method_version": 999, "build_version": BUILD_VERSION})
 
 
 # --- the build lock: bounded, says who holds it --------------------------------------------------
@@ -135,7 +134,7 @@ def test_optimize_waits_twice_the_build_timeout_for_another_builder(tmp_path):
     spec = parse({"method": "structured", "mlp_keep": 0.5})
     base = pipeline.resolve_source("default")
     versions = pipeline._library_versions(sys.executable, spec.libraries)
-    k = pipeline.cache_key(pipeline.base_digest(base, tmp_path), spec, versions, None, pipeline.slimserve_identity(spec))
+    k = pipeline.cache_key(pipeline.base_digest(base, tmp_path), spec, versions, None, code_versions(spec))
     holder = start_holder(HOLD_LOCK, str(tmp_path / f"{k}.lock"))
     try:
         t0 = time.monotonic()
@@ -255,12 +254,14 @@ def test_optimize_holds_what_it_returns(tmp_path, monkeypatch):
         from pathlib import Path
         out = Path(json.loads(sys.argv[1])["out"])
         (out / "config.json").write_text("{}")
-        print("SLIMSERVE_RESULT " + json.dumps({"fake": True}))
+        print("SLIMSERVE_RESULT " + json.dumps({"optimize_seconds": 0.1, "fake": True}))
     """))
     monkeypatch.setattr(pipeline, "_child_command", lambda python, request: [sys.executable, str(script), request])
     r = pipeline.optimize("default", {"method": "structured", "mlp_keep": 0.5}, tmp_path, {"measure": False})
-    assert r.cache_hit is False and r.manifest["report"] == {"fake": True} and r.hold is not None
-    assert r.manifest["slimserve"]["code"] == code_digest(parse("structured"))
+    assert r.cache_hit is False and r.manifest.report.model_extra == {"fake": True} and r.hold is not None
+    # The manifest names the versions of slimserve's code that built it (the key holds them too).
+    assert r.manifest.slimserve == pipeline.slimserve_identity(parse("structured"))
+    assert r.manifest.slimserve["method_version"] == parse("structured").version
     cache = ArtifactCache(tmp_path)
     assert cache.prune(0) == [] and r.path.exists()
     r.hold.release()

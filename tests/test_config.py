@@ -228,9 +228,10 @@ def test_bad_weights_in_the_ingress_user_config_are_named_by_path(tmp_path, weig
 
 def test_ingress_replicas_reach_the_ingress_deployment(tmp_path):
     from slimserve.serve.app import build_app
+    from slimserve.serve.rayllm import bound_deployment
 
     cfg = {"models": [{"name": "m", "source": "default", "variants": [{"name": "a"}]}], "ingress": {"replicas": 3}}
-    assert build_app(cfg)._bound_deployment._deployment_config.num_replicas == 3
+    assert bound_deployment(build_app(cfg)).num_replicas == 3
     r = validate(tmp_path, """
         ingress: {replicas: 0}
         models:

@@ -97,6 +97,26 @@ def test_gpu_share_reaches_ray_serve_llm_and_vllm():
     assert engine.placement_bundles == [{"GPU": 0.5}]
 
 
+def test_w4a16_engines_on_gpus_use_marlin_unless_the_user_says_otherwise():
+    """vLLM picks Machete for compressed-tensors W4A16 on Hopper; Marlin measured faster
+    (docs/BENCHMARKS.md): every weight-only 4-bit method turns Machete off on GPU hosts only."""
+    for method in ("rtn", "gptq", "qat", "qlora"):
+        cfg = config({}, {"optimization": {"method": method, "bits": 4}})
+        model = cfg.models[0]
+        env = llm_config_for(cfg, model, model.variants[1], "gpu", gpu_share=0.5).runtime_env["env_vars"]
+        assert env["VLLM_DISABLED_KERNELS"] == "MacheteLinearKernel", method
+        assert "VLLM_DISABLED_KERNELS" not in llm_config_for(cfg, model, model.variants[1], "cpu").runtime_env["env_vars"]
+        assert "VLLM_DISABLED_KERNELS" not in llm_config_for(cfg, model, model.variants[0], "gpu").runtime_env["env_vars"]
+    for other in ({"method": "rtn", "bits": 8}, "w8a8", "fp8"):
+        cfg = config({}, {"optimization": other})
+        env = llm_config_for(cfg, cfg.models[0], cfg.models[0].variants[1], "gpu").runtime_env["env_vars"]
+        assert "VLLM_DISABLED_KERNELS" not in env, other
+    cfg = load_config({"models": [{"name": "m", "deployment": {"env": {"VLLM_DISABLED_KERNELS": ""}},
+                                   "variants": [{"name": "q", "optimization": {"method": "rtn", "bits": 4}}]}]})
+    env = llm_config_for(cfg, cfg.models[0], cfg.models[0].variants[0], "gpu").runtime_env["env_vars"]
+    assert env["VLLM_DISABLED_KERNELS"] == ""  # the operator's choice stays
+
+
 def test_a_memory_share_set_by_the_user_is_kept():
     cfg = config({"engine": {"gpu_share": 0.5, "extra": {"gpu_memory_utilization": 0.3}}})
     model = cfg.models[0]

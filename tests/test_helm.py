@@ -21,7 +21,7 @@ CI_NAMES = [p.name.removesuffix("-values.yaml") for p in CI_VALUES]
 
 
 def test_ci_values_files_exist():
-    assert set(CI_NAMES) >= {"cpu", "gpu-tp2", "ab"}
+    assert set(CI_NAMES) >= {"cpu", "gpu-tp2", "ab", "multi-node"}
 
 
 @pytest.mark.parametrize("name", ["defaults", *CI_NAMES])
@@ -240,6 +240,155 @@ def test_rayservice_serve_service():
     service = one(render(values_file("ab")), "RayService")["spec"]["serveService"]
     assert service["metadata"]["name"] == FULLNAME
     assert service["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000}]
+
+
+# --- multi-node: worker groups and KubeRay's autoscaler (ci/multi-node-values.yaml) ------------
+
+
+def _cluster(values) -> dict:
+    return one(render(values), "RayService")["spec"]["rayClusterConfig"]
+
+
+def _groups(cluster) -> dict[str, dict]:
+    return {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+
+
+def test_multi_node_example_cpu_head_and_gpu_worker_groups():
+    values = values_file("multi-node")
+    cluster = _cluster(values)
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # no engine on the head
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert not any("nvidia.com/gpu" in r for r in head_container["resources"].values())
+    groups = _groups(cluster)
+    assert list(groups) == ["gpu-1x", "gpu-2x"]
+    expected = {  # replicas, min, max, GPUs, CPUs, memory per pod
+        "gpu-1x": (2, 1, 6, "1", "8", "64Gi"),
+        "gpu-2x": (0, 0, 3, "2", "16", "128Gi"),
+    }
+    for name, (replicas, low, high, gpus, cpus, memory) in expected.items():
+        group = groups[name]
+        assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (replicas, low, high)
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["requests"] == container["resources"]["limits"] == {
+            "cpu": cpus, "memory": memory, "nvidia.com/gpu": gpus,
+        }
+        # Pod settings a group leaves out come from `workers`.
+        assert group["template"]["spec"]["tolerations"] == values["workers"]["tolerations"]
+        assert group["template"]["spec"]["nodeSelector"] == {"node-pool": "gpu"}
+        assert group["rayStartParams"]["metrics-export-port"] == "8080"
+    # Every engine's tensor-parallel group fits a pod of some group.
+    largest = max(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) for g in groups.values())
+    cfg = load_config(values["slimserve"])
+    assert all(m.engine_for(v).tensor_parallel_size <= largest for m in cfg.models for v in m.variants)
+
+
+def test_multi_node_example_autoscaling_on():
+    cluster = _cluster(values_file("multi-node"))
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"] == {
+        "version": "v2",
+        "upscalingMode": "Default",
+        "idleTimeoutSeconds": 600,
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    }
+    notes = helm.Chart.load(CHART).render(values_file("multi-node"), name=RELEASE, namespace=NAMESPACE)["slimserve/templates/NOTES.txt"]
+    assert "2 GPU worker pod(s) to start" in notes
+    assert "gpu-1x 1-6, gpu-2x 0-3 pod(s)" in notes
+
+
+def test_multi_node_example_cache_is_one_rwx_claim_on_every_pod():
+    values = values_file("multi-node")
+    objects = render(values)
+    pvc = one(objects, "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on several nodes mount it
+    assert pvc["spec"]["storageClassName"] == "shared-rwx"
+    cluster = one(objects, "RayService")["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    assert len(pods) == 3  # the head and both GPU groups
+    for pod in pods:
+        (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "artifact-cache"]
+        assert volume == {"name": "artifact-cache", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["artifact-cache"] == values["slimserve"]["cache_dir"]
+
+
+def test_autoscaling_off_by_default():
+    cluster = _cluster(None)
+    assert cluster["enableInTreeAutoscaling"] is False
+    assert "autoscalerOptions" not in cluster
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2  # the defaults' 2 one-GPU engines
+
+
+def _whole_gpu_values(gpus: int, tps: list[int], replicas: int = 1) -> dict:
+    values = _gpu_values(gpus, tps, replicas)
+    values["slimserve"]["models"][0]["engine"] = {"gpu_share": 1}
+    return values
+
+
+def test_one_worker_group_autoscaled():
+    values = _whole_gpu_values(1, [1, 1])  # 2 one-GPU engines: 2 pods to start with
+    values["autoscaling"] = {"enabled": True}
+    values["workers"]["maxReplicas"] = 5
+    (group,) = _cluster(values)["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (2, 0, 5)
+    values["workers"]["minReplicas"] = 1
+    (group,) = _cluster(values)["workerGroupSpecs"]
+    assert group["minReplicas"] == 1
+    values["workers"]["maxReplicas"] = 1
+    assert "workers.maxReplicas is 1, but the variants' engine replicas need 2 worker pods" in render_error(values)
+    del values["workers"]["maxReplicas"]
+    assert "workers.maxReplicas: set the most worker pods" in render_error(values)
+
+
+def test_worker_groups_without_autoscaling_have_fixed_pods():
+    values = _whole_gpu_values(1, [1, 2])
+    values["workerGroups"] = [{"name": "small", "gpus": 1, "replicas": 1}, {"name": "large", "gpus": 2, "replicas": 1}]
+    cluster = _cluster(values)
+    assert cluster["enableInTreeAutoscaling"] is False
+    groups = _groups(cluster)
+    assert [(g["replicas"], g["minReplicas"], g["maxReplicas"]) for g in groups.values()] == [(1, 1, 1), (1, 1, 1)]
+    assert groups["large"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_autoscaling_needs_an_explicit_gpu_share():
+    # slimserve plans automatic GPU shares against the GPUs up at deploy time; an autoscaled
+    # cluster that is still growing has too few, and engines would split GPUs.
+    values = values_file("multi-node")
+    del values["slimserve"]["models"][0]["engine"]["gpu_share"]
+    message = render_error(values)
+    assert "autoscaling.enabled: model llama-8b, variant bf16 has no engine.gpu_share" in message
+    values["slimserve"]["models"][0]["variants"][0]["engine"] = {"gpu_share": 1}
+    values["slimserve"]["models"][0]["variants"][1]["engine"] = {"gpu_share": 0.5}
+    render(values)  # a variant's own share counts; tensor-parallel engines take whole GPUs anyway
+
+
+def _multi_node_with(change) -> dict:
+    values = values_file("multi-node")
+    change(values)
+    return values
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda v: v["workerGroups"][1].pop("maxReplicas"), "workerGroups[1] (gpu-2x): set maxReplicas"),
+        (lambda v: v.update(autoscaling={"enabled": False}), "workerGroups[1] (gpu-2x): set replicas"),
+        (lambda v: v["workerGroups"][1].update(name="gpu-1x"), "workerGroups[1] (gpu-1x): the group name gpu-1x is used twice"),
+        (lambda v: v["workerGroups"][1].update(gpus=1),
+         "model qwen-32b, variant bf16: tensor_parallel_size 2 needs 2 GPUs inside one worker pod, but the largest workerGroups[].gpus is 1"),
+        (lambda v: [g.update(maxReplicas=1) for g in v["workerGroups"]],
+         "the variants' engine replicas need 8 GPUs in all, but the groups hold 3 at most (maxReplicas x gpus)"),
+        (lambda v: v["workerGroups"][0].update(replicas=7), "worker group gpu-1x: minReplicas 1 <= replicas 7 <= maxReplicas 6 does not hold"),
+        (lambda v: v["workerGroups"][0].update(name="GPU_1x"), "/workerGroups/0/name"),
+        (lambda v: v["workerGroups"][0].update(gpu=1), "additional properties 'gpu' not allowed"),
+        (lambda v: v["autoscaling"].update(upscalingMode="Fast"), "/autoscaling/upscalingMode"),
+    ],
+)
+def test_worker_groups_and_autoscaling_refused(change, expected):
+    assert expected in render_error(_multi_node_with(change))
 
 
 # --- cache-pvc.yaml --------------------------------------------------------------------------

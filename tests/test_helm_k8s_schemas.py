@@ -76,3 +76,27 @@ def test_crd_schemas_are_strict():
     monitor["spec"]["podMetricsEndpoints"][0]["metricRelabelConfigs"] = []  # Prometheus' name, not the CRD's
     with pytest.raises(jsonschema.ValidationError, match="metricRelabelConfigs"):
         crd_validator(*CRD_FILES["PodMonitor"]).validate(monitor)
+
+
+def test_multi_node_autoscaler_and_worker_groups_checked_by_the_crd():
+    # The multi-node example's new parts (autoscalerOptions, a second worker group) sit under
+    # the CRD's strict schema, not under preserved unknown fields: a typo there is an error.
+    rayservice = one(render(values_file("multi-node")), "RayService")
+    validator = crd_validator(*CRD_FILES["RayService"])
+    validator.validate(rayservice)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True and len(cluster["workerGroupSpecs"]) == 2
+
+    def broken(change):
+        obj = copy.deepcopy(rayservice)
+        change(obj["spec"]["rayClusterConfig"])
+        return obj
+
+    with pytest.raises(jsonschema.ValidationError, match="'idleTimeout' was unexpected"):
+        validator.validate(broken(lambda c: c["autoscalerOptions"].update(idleTimeout=60)))
+    with pytest.raises(jsonschema.ValidationError, match="'Fast' is not one of"):
+        validator.validate(broken(lambda c: c["autoscalerOptions"].update(upscalingMode="Fast")))
+    with pytest.raises(jsonschema.ValidationError, match="'maxReplicas' is a required property"):
+        validator.validate(broken(lambda c: c["workerGroupSpecs"][1].pop("maxReplicas")))
+    with pytest.raises(jsonschema.ValidationError, match="'3' is not of type 'integer'"):
+        validator.validate(broken(lambda c: c["workerGroupSpecs"][1].update(maxReplicas="3")))

@@ -100,11 +100,13 @@ ROOMS: dict[str, set[str]] = {
     "serve.config": {"optimizers.build", "optimizers.cache", "optimizers.models", "optimizers.quality",
                      "optimizers.registry"},
     "serve.handoff": {"serve.config", "optimizers.build"},
-    "serve.rollout": {"serve.config", "serve.metrics"},
+    "serve.rollout": {"serve.config", "serve.metrics", "serve.rayllm"},  # rayllm: the GCS store of the state
+    # optimizers.cache: the flock holder (locks.HeldFd) that the core-slot claims and the
+    # engine-start lock share with the cache's own locks, one implementation instead of three.
     "serve.engine": {"serve.config", "serve.handoff", "serve.metrics", "serve.rayllm", "optimizers.build",
-                     "optimizers.registry", "optimizers.report"},
+                     "optimizers.cache", "optimizers.registry", "optimizers.report"},
     "serve.http": {"serve.config", "serve.handoff", "serve.metrics", "serve.rayllm", "serve.rollout"},
-    "serve.app": {"serve.config", "serve.engine", "serve.handoff", "serve.http", "serve.rayllm"},
+    "serve.app": {"serve.config", "serve.engine", "serve.handoff", "serve.http", "serve.rayllm", "serve.rollout"},
     "serve.commands": {"serve", "serve.app", "serve.config", "serve.http", "serve.rollout", "optimizers.build",
                        "optimizers.cache", "optimizers.models", "optimizers.quality", "optimizers.report",
                        "optimizers.training"},

@@ -122,3 +122,28 @@ def test_requests_on_a_lost_node_get_503_with_retry_after_or_an_sse_error_event(
     while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
         time.sleep(1)
     assert left == {}
+
+
+def test_a_lost_node_costs_only_its_requests_in_flight_and_seconds_of_answers(tmp_path, monkeypatch):
+    """Two variants, one engine per node; the worker removed under closed-loop load
+    (bench/node_loss.py measures it): the requests that were running there are answered by the
+    head's variant (nothing had reached their clients: rerouted once) or with 503 + Retry-After,
+    no later request fails, and the public name is silent for at most 5 s."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv(RUN_MARKER_ENV, uuid.uuid4().hex)
+    spec = importlib.util.spec_from_file_location("node_loss", Path(__file__).resolve().parents[1] / "bench" / "node_loss.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.measure(tmp_path, clients=2, after_s=15)
+    print(f"\nnode loss under load: {r}")
+    assert r["requests_after_removal"] >= 10, r  # the head's variant kept answering
+    assert r["failed_after_removal"] == [], r
+    assert set(r["in_flight_failed"]) <= {503} and len(r["in_flight_failed"]) <= r["in_flight_at_removal"], r
+    assert r["served_after_by"] == [{"a": "b", "b": "a"}[r["worker_variant"]]], r
+    assert r["longest_without_answer_s"] <= 5.0, r
+    deadline = time.monotonic() + 60
+    while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert left == {}

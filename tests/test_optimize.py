@@ -9,6 +9,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
+from slimserve.optimizers.build.build_report import ArtifactManifest
 from slimserve.optimizers.cache.store import MANIFEST
 from slimserve.optimizers.build.pipeline import optimize
 
@@ -34,7 +35,9 @@ def test_w8a8_builds_an_int8_checkpoint_then_hits_the_cache(tmp_path):
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith("mlp.down_proj.weight")}
     assert dtypes == {"I8"}
     assert (first.path / "tokenizer.json").exists()
-    assert json.loads((first.path / MANIFEST).read_text())["report"]["scheme"] == "W8A8"
+    # The manifest on disk reads as the typed model, the method's facts in its report.
+    assert ArtifactManifest.model_validate_json((first.path / MANIFEST).read_text()) == first.manifest
+    assert first.manifest.report.scheme == "W8A8"
 
     # A restart: the same request is a verified cache hit and runs no optimization.
     second = optimize("default", {"method": "w8a8"}, tmp_path)

@@ -60,24 +60,24 @@ def linear_weights(checkpoint: Path) -> dict:
 @pytest.mark.parametrize("name", ["magnitude-2:4", "wanda-50", "sparsegpt-2:4"])
 def test_sparse_checkpoints_are_sparse_dense_and_say_they_buy_nothing(built, name):
     r = built[name]
-    report = r.manifest["report"]
-    assert report["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    report = r.manifest.report
+    assert report.weight_sparsity == pytest.approx(0.5, abs=0.01)
     weights = linear_weights(r.path)
     w = weights["model.layers.3.mlp.down_proj.weight"]
     assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     if name.endswith("2:4"):
-        assert report["is_2_4"] is True
+        assert report.is_2_4 is True
         assert ((w.view(-1, 4) == 0).sum(-1) >= 2).all()  # at least 2 zeros in every group of 4
     else:
-        assert report["is_2_4"] is False
+        assert report.is_2_4 is False
     # Saved dense: same size as the base, and the manifest says what it buys in serving: nothing.
     assert size_on_disk(r.path) == pytest.approx(size_on_disk(r.base), rel=0.01)
-    assert report["dense_on_disk"] is True and report["serving_effect"].startswith("none:")
-    assert 1.0 < report["quality"]["ppl_ratio"] < 50  # lossy, but not destroyed
+    assert report.dense_on_disk is True and report.serving_effect.startswith("none:")
+    assert 1.0 < report.quality.ppl_ratio < 50  # lossy, but not destroyed
 
 
 def test_calibrated_pruning_beats_magnitude_at_2_4(built):
-    ratio = lambda n: built[n].manifest["report"]["quality"]["ppl_ratio"]  # noqa: E731
+    ratio = lambda n: built[n].manifest.report.quality.ppl_ratio  # noqa: E731
     assert ratio("sparsegpt-2:4") < ratio("magnitude-2:4"), (ratio("sparsegpt-2:4"), ratio("magnitude-2:4"))
 
 
@@ -89,7 +89,7 @@ def test_half_the_mlp_is_half_the_mlp_parameters_and_bytes(built):
     r = built["mlp50"]
     base_w, pruned_w = linear_weights(r.base), linear_weights(r.path)
     assert mlp_params(pruned_w) * 2 == mlp_params(base_w)
-    assert r.manifest["report"]["intermediate_size"] == [1536, 768]
+    assert r.manifest.report.intermediate_size == [1536, 768]
     # The checkpoint shrinks by exactly the removed MLP weights (bf16: 2 bytes each).
     removed = (mlp_params(base_w) - mlp_params(pruned_w)) * 2
     assert size_on_disk(r.base) - size_on_disk(r.path) == pytest.approx(removed, rel=0.005)
@@ -99,16 +99,16 @@ def test_half_the_mlp_is_half_the_mlp_parameters_and_bytes(built):
 
 def test_depth_pruning_drops_the_least_influential_layers(built):
     r = built["depth-healed"]
-    report = r.manifest["report"]
-    assert report["layers"] == [30, 24] and len(report["dropped_layers"]) == 6
-    assert 0 not in report["dropped_layers"]  # the first layer changes its input most
+    report = r.manifest.report
+    assert report.layers == [30, 24] and len(report.dropped_layers) == 6
+    assert 0 not in report.dropped_layers  # the first layer changes its input most
     cfg = json.loads((r.path / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 24 and cfg["intermediate_size"] == 1152
     assert not any(".layers.24." in k for k in linear_weights(r.path))
 
 
 def test_healing_lowers_perplexity_against_the_unhealed_model(built):
-    healing = built["depth-healed"].manifest["report"]["healing"]
+    healing = built["depth-healed"].manifest.report.healing
     assert healing["steps_run"] == 8 and healing["tokens"] == 8 * 4 * 128
     assert healing["perplexity_after"] < 0.9 * healing["perplexity_before"], healing
 
@@ -121,4 +121,4 @@ def test_vllm_cpu_loads_and_generates_from_pruned_checkpoints(built, tmp_path):
     assert (results[1]["layers"], results[1]["intermediate_size"]) == (24, 1152)
     assert all(r["text"].strip() for r in results), results
     for name, result in zip(names, results):
-        assert_serves_the_judged_model(result, built[name].manifest["report"]["quality"])
+        assert_serves_the_judged_model(result, built[name].manifest.report.quality)

@@ -62,7 +62,7 @@ if len(runs.read_text()) == 1 and not os.environ.get("LOCK_PROBE"):
     os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
 out = Path(request["out"])
 (out / "config.json").write_text(json.dumps({"num_attention_heads": 4}))
-print("SLIMSERVE_RESULT " + json.dumps({"scheme": "stand-in"}))
+print("SLIMSERVE_RESULT " + json.dumps({"optimize_seconds": 0.1, "scheme": "stand-in"}))
 """
 
 
@@ -149,6 +149,8 @@ def test_a_transient_failure_is_retried_and_then_served(tmp_path, monkeypatch, c
         info = await server.slimserve_info()
         assert "failed" not in info and "retrying" not in info, info
         assert info["optimization"]["cache_hit"] is False and server.engine is not None
+        # The child's report, read as a BuildReport, reaches the engine's record (a plain dict through Ray).
+        assert info["optimization"]["report"] == {"optimize_seconds": 0.1, "scheme": "stand-in"}
         server._report_task.cancel()
         return info
 

@@ -38,13 +38,13 @@ def student(tmp_path_factory) -> Path:
 
 def test_student_build_measures_agreement_and_is_cached_by_content(student, tmp_path):
     first = optimize("default", {"method": "student", "path": str(student)}, tmp_path, QUALITY)
-    report = first.manifest["report"]
+    report = first.manifest.report
     assert json.loads((first.path / "config.json").read_text())["num_hidden_layers"] == 21
     assert sha256_file(first.path / "model.safetensors") == sha256_file(student / "model.safetensors")
-    agree = report["agreement"]
-    assert 0.05 < agree["top1_agreement"] < 1 and agree["kl_per_token"] > 0 and agree["tokens"] == 8 * 256
-    assert report["parameters"][1] < report["parameters"][0]
-    assert report["quality"]["ppl_ratio"] > 1  # the gate's numbers are there: student vs teacher
+    agree = report.agreement
+    assert 0.05 < agree.top1_agreement < 1 and agree.kl_per_token > 0 and agree.tokens == 8 * 256
+    assert report.parameters[1] < report.parameters[0]
+    assert report.quality.ppl_ratio > 1  # the gate's numbers are there: student vs teacher
 
     again = optimize("default", {"method": "student", "path": str(student)}, tmp_path, QUALITY)
     assert again.cache_hit is True and again.path == first.path
@@ -63,7 +63,7 @@ def test_student_build_measures_agreement_and_is_cached_by_content(student, tmp_
         gen.write_bytes(saved)
     assert cache_key("base", spec, {}) == before
 
-    ratio = report["quality"]["ppl_ratio"]
+    ratio = report.quality.ppl_ratio
     with pytest.raises(QualityGateFailed, match="student has perplexity"):
         optimize("default", {"method": "student", "path": str(student)}, tmp_path, {**QUALITY, "max_ppl_ratio": ratio * 0.99})
 
@@ -142,9 +142,9 @@ def test_a_student_recipe_is_built_once_then_cached(tmp_path):
               "distill": {"steps": 2, "seq_len": 32, "batch_size": 2, "text": "fortunes"}}
     spec = {"method": "student", "recipe": recipe, "agreement": {"text": "fortunes", "windows": 2, "seq_len": 64}}
     first = optimize("default", spec, tmp_path, {"measure": False})
-    report = first.manifest["report"]
-    assert report["distill"]["steps_run"] == 2 and report["distill"]["tokens"] == 2 * 2 * 32
+    report = first.manifest.report
+    assert report.distill["steps_run"] == 2 and report.distill["tokens"] == 2 * 2 * 32
     assert json.loads((first.path / "config.json").read_text())["num_hidden_layers"] == 2
-    assert (first.path / "tokenizer.json").exists() and report["agreement"]["tokens"] == 2 * 64
+    assert (first.path / "tokenizer.json").exists() and report.agreement.tokens == 2 * 64
     assert not any(p.name.endswith(".student-work") for p in tmp_path.iterdir())  # no leftovers
     assert optimize("default", spec, tmp_path, {"measure": False}).cache_hit is True

@@ -52,14 +52,14 @@ def built(cache):
 
 def test_qat_trains_through_the_quantizer_and_exports_what_it_trained(built):
     qat = built["qat"]
-    report = qat.manifest["report"]
-    assert report["scheme"] == "W4A16" and report["group_size"] == 64  # SmolLM2's 576 takes 64
-    assert report["training"]["steps_run"] == 12 and report["training"]["tokens"] == 12 * 4 * 128
+    report = qat.manifest.report
+    assert report.scheme == "W4A16" and report.group_size == 64  # SmolLM2's 576 takes 64
+    assert report.training["steps_run"] == 12 and report.training["tokens"] == 12 * 4 * 128
     # Before training the fake-quantized model is what round-to-nearest gives; training lowers it.
-    assert report["perplexity_fake_quant_after"] < report["perplexity_fake_quant_before"], report
+    assert report.perplexity_fake_quant_after < report.perplexity_fake_quant_before, report
     # The exported int4 weights are the ones training saw through torchao's fake quantizer.
-    assert report["export_matches_training"]["layers"] == 30 * 7
-    assert report["export_matches_training"]["equal_share"] > 0.95, report["export_matches_training"]
+    assert report.export_matches_training["layers"] == 30 * 7
+    assert report.export_matches_training["equal_share"] > 0.95, report.export_matches_training
     quant = json.loads((qat.path / "config.json").read_text())["quantization_config"]
     weights = quant["config_groups"]["group_0"]["weights"]
     assert (quant["quant_method"], weights["num_bits"], weights["group_size"], weights["symmetric"]) == (
@@ -67,36 +67,36 @@ def test_qat_trains_through_the_quantizer_and_exports_what_it_trained(built):
 
 
 def test_gradual_pruning_follows_its_schedule_to_a_smaller_dense_model(built):
-    report = built["gradual"].manifest["report"]
-    assert report["intermediate_size"] == [1536, 768]
-    kept = [k for _, k in report["schedule"]]
-    assert kept == sorted(kept, reverse=True) and kept[-1] == 768 and len(kept) >= 5, report["schedule"]
-    assert report["schedule"][-1][0] <= 0.75 * 12  # the last quarter trains the final shape
+    report = built["gradual"].manifest.report
+    assert report.intermediate_size == [1536, 768]
+    kept = [k for _, k in report.schedule]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 768 and len(kept) >= 5, report.schedule
+    assert report.schedule[-1][0] <= 0.75 * 12  # the last quarter trains the final shape
     # Cutting out the masked channels changes nothing the model computes.
-    assert report["perplexity_after"] == pytest.approx(report["perplexity_masked_before_cut"], rel=1e-3)
-    assert report["parameters"][1] < 0.75 * report["parameters"][0]
+    assert report.perplexity_after == pytest.approx(report.perplexity_masked_before_cut, rel=1e-3)
+    assert report.parameters[1] < 0.75 * report.parameters[0]
     config = json.loads((built["gradual"].path / "config.json").read_text())
     assert (config["intermediate_size"], config["num_hidden_layers"]) == (768, 30)
 
 
 def test_qlora_trains_adapters_through_the_quantizer_and_serves_them_merged(built):
     qlora = built["qlora"]
-    report = qlora.manifest["report"]
-    assert report["scheme"] == "W4A16" and report["group_size"] == 64
-    assert report["adapted_linears"] == 30 * 7  # every decoder projection; lm_head left alone
+    report = qlora.manifest.report
+    assert report.scheme == "W4A16" and report.group_size == 64
+    assert report.adapted_linears == 30 * 7  # every decoder projection; lm_head left alone
     config = json.loads((qlora.path / "config.json").read_text())
     # rank x (in + out) for each of the 7 adapted Linears of a layer, and nothing else trains.
     h, i = config["hidden_size"], config["intermediate_size"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     per_layer = 2 * (h + h) + 2 * (h + kv) + 3 * (h + i)
-    assert report["adapter_parameters"] == 8 * per_layer * config["num_hidden_layers"]
-    assert report["training"]["steps_run"] == 12
+    assert report.adapter_parameters == 8 * per_layer * config["num_hidden_layers"]
+    assert report.training["steps_run"] == 12
     # Before training the model is round-to-nearest's (B = 0); the adapters, seen through the
     # quantizer, lower its perplexity.
-    assert report["perplexity_fake_quant_after"] < report["perplexity_fake_quant_before"], report
+    assert report.perplexity_fake_quant_after < report.perplexity_fake_quant_before, report
     # Served merged: what training fake-quantized is what was exported, no adapter weights left.
-    assert report["export_matches_training"]["layers"] == 30 * 7
-    assert report["export_matches_training"]["equal_share"] > 0.95, report["export_matches_training"]
+    assert report.export_matches_training["layers"] == 30 * 7
+    assert report.export_matches_training["equal_share"] > 0.95, report.export_matches_training
     quant = config["quantization_config"]
     weights = quant["config_groups"]["group_0"]["weights"]
     assert (quant["quant_method"], weights["num_bits"], weights["group_size"]) == ("compressed-tensors", 4, 64)
@@ -108,14 +108,14 @@ def test_qlora_trains_adapters_through_the_quantizer_and_serves_them_merged(buil
 
 def test_gradual_sparsity_grows_to_2_4_and_saves_it_dense(built):
     r = built["gradual24"]
-    report = r.manifest["report"]
-    shares = [share for _, share in report["schedule"]]
-    assert shares == sorted(shares) and shares[-1] == 0.5 and len(shares) >= 5, report["schedule"]
-    assert report["schedule"][-1][0] <= 0.75 * 12  # the last quarter trains the final mask
+    report = r.manifest.report
+    shares = [share for _, share in report.schedule]
+    assert shares == sorted(shares) and shares[-1] == 0.5 and len(shares) >= 5, report.schedule
+    assert report.schedule[-1][0] <= 0.75 * 12  # the last quarter trains the final mask
     # As saved: half of every decoder projection zero, exactly the 2:4 pattern, dense on disk.
-    assert report["weight_sparsity"] == pytest.approx(0.5, abs=1e-3) and report["is_2_4"] is True
-    assert report["dense_on_disk"] is True and report["serving_effect"].startswith("none:")
-    assert report["training"]["steps_run"] == 12
+    assert report.weight_sparsity == pytest.approx(0.5, abs=1e-3) and report.is_2_4 is True
+    assert report.dense_on_disk is True and report.serving_effect.startswith("none:")
+    assert report.training["steps_run"] == 12
     from safetensors import safe_open
 
     with safe_open(str(next(r.path.glob("*.safetensors"))), "pt") as st:
@@ -125,7 +125,7 @@ def test_gradual_sparsity_grows_to_2_4_and_saves_it_dense(built):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_the_quality_gate_judges_each_checkpoint(built, cache, name):
-    ratio = built[name].manifest["report"]["quality"]["ppl_ratio"]
+    ratio = built[name].manifest.report.quality.ppl_ratio
     assert ratio > 1.0, ratio
     again = optimize("default", SPECS[name], cache, {**HELD_OUT, "max_ppl_ratio": ratio * 1.01})
     assert again.cache_hit and again.path == built[name].path
@@ -138,4 +138,4 @@ def test_vllm_cpu_serves_each_checkpoint(built, tmp_path):
     assert results[1]["intermediate_size"] == 768
     assert all(r["text"].strip() for r in results), results
     for name, result in zip(SPECS, results):
-        assert_serves_the_judged_model(result, built[name].manifest["report"]["quality"])
+        assert_serves_the_judged_model(result, built[name].manifest.report.quality)

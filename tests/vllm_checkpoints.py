@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from slimserve.optimizers.build.build_report import QualityReport
 from slimserve.serve.app import CPU_INT4_W4A8
 from slimserve.serve.config.schema import EngineSettings
 
@@ -72,8 +73,8 @@ def vllm_load_each(paths: list[Path], tmp_path: Path, max_tokens: int = 8, timeo
     return results
 
 
-def assert_serves_the_judged_model(result: dict, quality: dict, rel: float = 0.03) -> None:
+def assert_serves_the_judged_model(result: dict, quality: QualityReport, rel: float = 0.03) -> None:
     """vLLM's perplexity on the gate's held-out windows agrees with the gate's own measurement
     (transformers, same dtype): the checkpoint vLLM serves is the one whose quality was judged."""
     assert result["perplexity"] is not None, "call vllm_load_each with the gate's held_out"
-    assert abs(result["perplexity"] / quality["perplexity"] - 1) <= rel, (result, quality)
+    assert abs(result["perplexity"] / quality.perplexity - 1) <= rel, (result, quality)

@@ -24,12 +24,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from slimserve.optimizers.build import lifeline
+from slimserve.optimizers.build.build_report import ArtifactManifest, BuildReport, field_errors
 from slimserve.optimizers.cache.store import GIB, ArtifactCache, CacheHold, folder_digest, hold, sha256_file
 from slimserve.optimizers.calibration import Calibration, load_text
 from slimserve.optimizers.models import resolve_source
 from slimserve.optimizers.quality import HeldOut, QualityGate, QualityGateFailed  # noqa: F401 (re-exported)
-from slimserve.optimizers.registry import Optimization, code_digest, parse
+from slimserve.optimizers.registry import Optimization, code_versions, parse
 from slimserve.optimizers.build.worker import RESULT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -57,10 +60,11 @@ class OptimizeResult:
     method: str
     cache_hit: bool | None  # None: nothing to cache (method `none`)
     seconds: float  # wall time of this call, lookup included
-    manifest: dict[str, Any]
+    manifest: ArtifactManifest | None  # the artifact's (read and checked); None: nothing built (method `none`)
     # Keeps the artifact from being evicted while it is referenced (see cache.hold); None when
     # nothing cached is served (method `none`, or the base served after a failed quality gate).
     hold: CacheHold | None = None
+    quality_gate: str = "passed"  # or "failed: serving base" (on_quality_fail: serve_base)
 
 
 def optimizer_python() -> str:
@@ -121,21 +125,23 @@ def base_digest(base: Path, memo_dir: Path) -> str:
     return digest
 
 
-def slimserve_identity(spec: Optimization) -> dict[str, str]:
-    """slimserve's version and the digest of its code that builds `spec`'s artifacts (the
-    method's module and the package modules it uses: registry.code_digest)."""
+def slimserve_identity(spec: Optimization) -> dict[str, Any]:
+    """What the manifest says of the slimserve that built `spec`'s artifact: its version, and the
+    versions of its code that the cache key holds (registry.code_versions)."""
     try:
         version = metadata.version("slimserve")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return {"version": version, "code": code_digest(spec)}
+    return {"version": version, **code_versions(spec)}
 
 
 def cache_key(
     base_hash: str, spec: Optimization, versions: dict[str, str], held_out: HeldOut | None = None,
-    code: dict[str, str] | None = None,
+    code: dict[str, int] | None = None,
 ) -> str:
-    """`code`: slimserve's version and code digest (default: this installation's, slimserve_identity)."""
+    """`code`: the versions of slimserve's code that builds it (default: this installation's,
+    registry.code_versions). Not slimserve's release: a release that changes no method's output
+    rebuilds nothing."""
     # Calibration text is named in the spec by path; its content goes into the key too.
     calibration = {
         name: value.digest() for name, value in spec if isinstance(value, Calibration)
@@ -144,8 +150,9 @@ def cache_key(
         "base": base_hash, "spec": spec.model_dump(mode="json"), "calibration": calibration,
         "versions": versions, "held_out": held_out.model_dump() if held_out else None,
         # slimserve's own code builds (structured, student, sparse magnitude, KD healing) or
-        # drives (llm-compressor's methods) every artifact: other code, another artifact.
-        "slimserve": code if code is not None else slimserve_identity(spec),
+        # drives (llm-compressor's methods) every artifact: code that writes another output (a
+        # method's `version` or BUILD_VERSION bumped), another artifact.
+        "slimserve": code if code is not None else code_versions(spec),
     }
     # Other inputs named by path (a student checkpoint): their content goes into the key too.
     inputs = getattr(spec, "input_digest", lambda: None)()
@@ -241,15 +248,16 @@ def child_environment(withhold_env=()) -> dict[str, str]:
 
 def _run_child(
     python: str, spec: Optimization, base: Path, out: Path, held_out: HeldOut | None,
-    timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S, code: dict[str, str] | None = None,
+    timeout_s: float | None = DEFAULT_BUILD_TIMEOUT_S, code: dict[str, int] | None = None,
     withhold_env: tuple[str, ...] | list[str] = (),
-) -> dict[str, Any]:
+) -> BuildReport:
     """Run the method in a child process of its own process group; stop the whole group after
     `timeout_s`. Its output streams to this process's stderr (the replica's log) as it comes;
-    the last STDERR_TAIL_LINES lines of its stderr end the message of a failure."""
+    the last STDERR_TAIL_LINES lines of its stderr end the message of a failure. Its report is
+    checked here: one that does not read as a BuildReport fails the build, naming the fields."""
     request = json.dumps({
         "spec": spec.model_dump(mode="json"), "base": str(base), "out": str(out),
-        "held_out": held_out.model_dump() if held_out else None, "code": (code or {}).get("code"),
+        "held_out": held_out.model_dump() if held_out else None, "code": code,
     })
     env = child_environment(withhold_env)
     log.info("optimizing %s with %s in a child process (%s, at most %s s)", base.name, spec.method, python, timeout_s)
@@ -302,7 +310,10 @@ def _run_child(
     elif "report" not in result:
         how = "exited without a result"
     else:
-        return json.loads(result["report"])
+        try:
+            return BuildReport.model_validate_json(result["report"])
+        except ValidationError as e:  # not JSON, or not a BuildReport: the build is not cached
+            how = f"reported a malformed result ({field_errors(e, 'report.')})"
     # First line: what happened and the child's last words (usually the exception), for one-line
     # reports (/v1/models, the CLI); then the tail of its output.
     output = tail.text()
@@ -339,7 +350,7 @@ def optimize(
             f"serve it as it is with `optimization: none` instead of {spec.method!r}"
         )
     if not spec.produces_artifact:
-        return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, {"method": spec.method})
+        return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, None)
     python = optimizer_python() if spec.needs_optimizer_env else sys.executable
     versions = _library_versions(python, spec.libraries)
     held_out = gate.held_out if gate.measure else None
@@ -349,15 +360,16 @@ def optimize(
         log.warning("quality not measured: Debian's fortunes-min is not installed (apt-get install fortunes-min)")
         held_out = None
     cache = ArtifactCache(cache_dir, max_bytes=None if cache_max_gib is None else int(cache_max_gib * GIB))
-    code = slimserve_identity(spec)
+    code = code_versions(spec)
     key = cache_key(base_digest(base, cache.root), spec, versions, held_out, code)
     info = {"method": spec.method, "spec": spec.model_dump(mode="json"), "base": str(base), "versions": versions,
-            "slimserve": code}
+            "slimserve": slimserve_identity(spec)}
     if lock_timeout_s is None and build_timeout_s is not None:
         lock_timeout_s = LOCK_WAIT_FACTOR * build_timeout_s
-    build = lambda tmp: _run_child(python, spec, base, tmp, held_out, build_timeout_s, code, withhold_env)  # noqa: E731
+    build = lambda tmp: _run_child(python, spec, base, tmp, held_out, build_timeout_s, code, withhold_env).to_json_dict()  # noqa: E731
     for attempt in (1, 2):
-        path, manifest, hit = cache.get_or_build(key, build, info, lock_timeout_s)
+        # The manifest read as an ArtifactManifest; one that does not read is rebuilt (ArtifactCache.lookup).
+        path, manifest, hit = cache.get_or_build(key, build, info, lock_timeout_s, read=ArtifactManifest.model_validate)
         try:
             held = hold(path)
             break
@@ -371,17 +383,17 @@ def optimize(
 
 
 def _apply_gate(result: OptimizeResult, gate: QualityGate) -> OptimizeResult:
-    q = result.manifest.get("report", {}).get("quality")
-    if gate.max_ppl_ratio is None or q is None or q["ppl_ratio"] <= gate.max_ppl_ratio:
+    q = result.manifest.report.quality if result.manifest else None
+    if gate.max_ppl_ratio is None or q is None or q.ppl_ratio <= gate.max_ppl_ratio:
         return result
     message = (
-        f"quality gate: {result.method} has perplexity {q['perplexity']:.2f} vs {q['base_perplexity']:.2f} "
-        f"for the base (ratio {q['ppl_ratio']:.3f} > max_ppl_ratio {gate.max_ppl_ratio})"
+        f"quality gate: {result.method} has perplexity {q.perplexity:.2f} vs {q.base_perplexity:.2f} "
+        f"for the base (ratio {q.ppl_ratio:.3f} > max_ppl_ratio {gate.max_ppl_ratio})"
     )
     if gate.on_quality_fail == "fail":
         raise QualityGateFailed(message + "; raise max_ppl_ratio, change the method, or set on_quality_fail: serve_base")
     log.warning("%s: serving the base model instead", message)
-    result.manifest = {**result.manifest, "quality_gate": "failed: serving base"}
+    result.quality_gate = "failed: serving base"
     result.path = result.base
     if result.hold is not None:
         result.hold.release()

@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from slimserve.optimizers.build.build_report import BuildReport, QualityReport
 from slimserve.optimizers.quality import HeldOut, perplexity
-from slimserve.optimizers.registry import code_digest, parse
+from slimserve.optimizers.registry import code_versions, parse
 
 RESULT_PREFIX = "SLIMSERVE_RESULT "  # starts the report line on stdout (pipeline.optimize reads it)
 
@@ -23,35 +24,35 @@ def main(argv: list[str]) -> int:
     spec = parse(request["spec"])
     t0 = time.monotonic()
     log = logging.getLogger("slimserve")
-    expected, own = request.get("code"), code_digest(spec)
+    expected, own = request.get("code"), code_versions(spec)
     if expected and expected != own:
-        # The cache key names the serving environment's code; building with other code would
-        # store an artifact under a key that does not describe it.
+        # The cache key names the serving environment's code versions; building with other code
+        # would store an artifact under a key that does not describe it.
         log.error(
             "this environment (%s) runs other slimserve code for %s than the one that asked for the build "
-            "(code digest %s, expected %s): install the same slimserve in both environments",
-            sys.executable, spec.method, own[:12], expected[:12],
+            "(versions %s, expected %s): install the same slimserve in both environments",
+            sys.executable, spec.method, own, expected,
         )
         return 3
     base, out = Path(request["base"]), Path(request["out"])
     log.info("step: optimize (%s)", spec.method)
-    report = spec.run(base, out)
-    report["optimize_seconds"] = round(time.monotonic() - t0, 3)
-    log.info("%s finished in %.1f s", spec.method, report["optimize_seconds"])
+    facts = spec.run(base, out)
+    optimize_seconds = round(time.monotonic() - t0, 3)
+    log.info("%s finished in %.1f s", spec.method, optimize_seconds)
+    measured = {}
     if request.get("held_out"):
         t1 = time.monotonic()
         log.info("step: quality (perplexity of base and variant on held-out text)")
         held_out = HeldOut.model_validate(request["held_out"])
         base_ppl, ppl = perplexity(base, held_out), perplexity(out, held_out)
-        report["quality"] = {
-            "held_out": held_out.model_dump(),
-            "base_perplexity": round(base_ppl, 4),
-            "perplexity": round(ppl, 4),
-            "ppl_ratio": round(ppl / base_ppl, 4),
-            "seconds": round(time.monotonic() - t1, 3),
-        }
+        measured["quality"] = QualityReport(
+            held_out=held_out.model_dump(), base_perplexity=round(base_ppl, 4), perplexity=round(ppl, 4),
+            ppl_ratio=round(ppl / base_ppl, 4), seconds=round(time.monotonic() - t1, 3),
+        )
         log.info("quality: perplexity %.2f vs base %.2f (ratio %.3f)", ppl, base_ppl, ppl / base_ppl)
-    sys.stdout.write(RESULT_PREFIX + json.dumps(report) + "\n")
+    # Checked here too: a method's facts that do not fit the report fail in the build's own log.
+    report = BuildReport.model_validate({**facts, "optimize_seconds": optimize_seconds, **measured})
+    sys.stdout.write(RESULT_PREFIX + json.dumps(report.to_json_dict()) + "\n")
     return 0
 
 

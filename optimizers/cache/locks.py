@@ -5,6 +5,9 @@ file system's locks, across nodes on a shared volume) only one builds a given ke
 others wait for it and then use its result; the file says who holds it. `hold` takes a shared
 flock on an artifact's in-use marker for as long as a replica serves it: eviction needs that
 lock exclusively, so a served artifact is never evicted.
+
+Both are a `HeldFd` — an open file whose flock lasts until it is closed — as are the serving
+side's core-slot claims (serve/engine/cpu_binding.py) and engine-start lock (start_lock.py).
 """
 
 from __future__ import annotations
@@ -41,14 +44,34 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-class BuildLock:
+class HeldFd:
+    """An open file descriptor holding a flock (None: nothing held). The lock lasts until
+    `release()` closes it, the `with` block ends, or the process dies (the kernel drops a flock
+    with its last fd)."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class BuildLock(HeldFd):
     """An exclusive flock on `<key>.lock`. The holder writes who it is into the file, and removes
     the file when it is done; a waiter that locked a file removed meanwhile starts again on the
     new one, so removing a lock file while holding it is safe."""
 
     def __init__(self, path: Path):
+        super().__init__()
         self.path = Path(path)
-        self.fd: int | None = None
 
     def try_acquire(self) -> bool:
         while True:
@@ -99,14 +122,7 @@ class BuildLock:
             else:
                 os.ftruncate(self.fd, 0)
         finally:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "BuildLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+            super().release()
 
 
 def read_holder(lock_path: Path) -> dict[str, Any] | None:
@@ -126,23 +142,13 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
             f"{holder.get('started_utc', '?')}, {age / 60:.0f} min ago)")
 
 
-class CacheHold:
+class CacheHold(HeldFd):
     """A shared lock on an artifact's in-use marker: while it is held the artifact is not evicted.
     Keep it for as long as the checkpoint is served (release() or garbage collection ends it)."""
 
     def __init__(self, path: Path, fd: int | None):
-        self.path, self.fd = path, fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "CacheHold":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(fd)
+        self.path = path
 
     def __del__(self) -> None:
         try:

@@ -35,7 +35,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from slimserve.optimizers.cache.locks import (
     IN_USE, MANIFEST, VERIFIED, BuildLock, CacheHold, LockTimeout, _in_use, _touch, describe_holder, hold, read_holder,
@@ -52,6 +52,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_TIMEOUT_S = 7200.0  # how long a builder waits for another one building the same key
+
+M = TypeVar("M")
+
+
+def _as_read(manifest: dict[str, Any]) -> Any:
+    return manifest
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -155,16 +161,23 @@ class ArtifactCache(CacheUpkeep):
             raise ValueError(f"invalid cache key {key!r}")
         return self.root / key
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """The verified manifest of a cached artifact, or None (missing or corrupt; a corrupt one
-        is left where it is: get_or_build replaces it under the build lock)."""
+    def lookup(self, key: str, read: Callable[[dict[str, Any]], M] = _as_read) -> M | None:
+        """The verified manifest of a cached artifact as `read` makes it (e.g. a pydantic model's
+        model_validate), or None (missing, corrupt, or a manifest `read` refuses: one an older
+        slimserve wrote; left where it is: get_or_build replaces it under the build lock)."""
         folder = self.path(key)
         if not folder.exists():
             return None
         try:
-            return verify(folder)
+            manifest = verify(folder)
         except CorruptArtifact as e:
             log.warning("corrupt cached artifact, to be rebuilt: %s", e)
+            return None
+        try:
+            return read(manifest)
+        except ValueError as e:  # pydantic's ValidationError is one: each field it names, on one line
+            why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) if hasattr(e, "errors") else e
+            log.warning("cached artifact %s has a manifest this slimserve does not read (%s): to be rebuilt", folder, why)
             return None
 
     def _set_aside(self, folder: Path) -> None:
@@ -180,13 +193,13 @@ class ArtifactCache(CacheUpkeep):
 
     def get_or_build(
         self, key: str, build: Callable[[Path], dict[str, Any]], info: dict[str, Any],
-        lock_timeout_s: float | None = DEFAULT_LOCK_TIMEOUT_S,
-    ) -> tuple[Path, dict[str, Any], bool]:
-        """Return (folder, manifest, hit). `build(tmp)` writes the artifact into `tmp` and returns
-        facts for the manifest; it runs at most once per key across all processes sharing `root`.
-        Waiting for another process building the same key ends after `lock_timeout_s` with
-        LockTimeout (None: no limit)."""
-        manifest = self.lookup(key)
+        lock_timeout_s: float | None = DEFAULT_LOCK_TIMEOUT_S, read: Callable[[dict[str, Any]], M] = _as_read,
+    ) -> tuple[Path, M, bool]:
+        """Return (folder, manifest, hit), the manifest as `read` makes it (lookup). `build(tmp)`
+        writes the artifact into `tmp` and returns facts for the manifest (JSON-able); it runs at
+        most once per key across all processes sharing `root`. Waiting for another process
+        building the same key ends after `lock_timeout_s` with LockTimeout (None: no limit)."""
+        manifest = self.lookup(key, read)
         if manifest is not None:
             _touch(self.path(key))
             return self.path(key), manifest, True
@@ -194,7 +207,7 @@ class ArtifactCache(CacheUpkeep):
         lock = BuildLock(self.root / f"{key}.lock")
         lock.acquire(lock_timeout_s, {"key": key, "method": info.get("method"), "base": info.get("base")})
         try:
-            manifest = self.lookup(key)  # another builder may have finished while we waited
+            manifest = self.lookup(key, read)  # another builder may have finished while we waited
             if manifest is not None:
                 _touch(self.path(key))
                 return self.path(key), manifest, True
@@ -211,7 +224,9 @@ class ArtifactCache(CacheUpkeep):
                     "report": facts,
                     "files": file_digests(tmp),
                 }
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                text = json.dumps(manifest, indent=2, sort_keys=True)
+                made = read(json.loads(text))  # what the next lookup reads: a manifest it refuses is not stored
+                (tmp / MANIFEST).write_text(text)
                 # Just hashed: the first start that uses it need not hash it again.
                 _mark_verified(tmp, hashlib.sha256((tmp / MANIFEST).read_bytes()).hexdigest(), manifest["files"])
                 (tmp / IN_USE).touch()
@@ -224,4 +239,4 @@ class ArtifactCache(CacheUpkeep):
             lock.release()
         if self.max_bytes is not None:
             self.prune(self.max_bytes, protect={key})
-        return final, manifest, False
+        return final, made, False

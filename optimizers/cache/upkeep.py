@@ -7,6 +7,7 @@ a temporary folder is left alone while its key's build lock is held.
 from __future__ import annotations
 
 import fcntl
+import socket
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from slimserve.optimizers.cache.locks import IN_USE, MANIFEST, BuildLock, _in_us
 
 log = logging.getLogger("slimserve.optimizers.cache.store")  # the cache's logger, as before the split
 
+REMOTE_BUILD_GRACE_S = 24 * 3600.0  # longer than any build_timeout_s in use
 _STALE_MEMO_S = 3600.0  # a leftover `.base-digests.<pid>.tmp` older than this is removed
 GIB = 1 << 30
 
@@ -35,6 +37,16 @@ class Entry:
     last_used: float  # epoch seconds: the in-use marker's mtime, else the manifest's
     in_use: bool
     manifest: dict[str, Any]
+
+
+def _building_elsewhere(lock_path: Path) -> bool:
+    """A build another host started less than REMOTE_BUILD_GRACE_S ago: left alone even when its
+    lock looks free here, since not every shared volume carries flock between nodes (NFS without
+    a lock manager, some CSI drivers). A dead remote builder's leftovers go after the grace, or
+    at once when a builder here takes the key (its lock then names this host)."""
+    holder = read_holder(lock_path)
+    return bool(holder) and holder.get("host") != socket.gethostname() \
+        and time.time() - float(holder.get("started", 0)) < REMOTE_BUILD_GRACE_S
 
 
 def _is_key(name: str) -> bool:
@@ -177,7 +189,9 @@ class CacheUpkeep:
             held, ours = False, []
             for key in (k for k in locks if k.startswith(prefix)):
                 lock = BuildLock(self.root / f"{key}.lock")
-                if lock.try_acquire():
+                if _building_elsewhere(lock.path):
+                    held = True
+                elif lock.try_acquire():
                     ours.append(lock)
                 else:
                     held = True
@@ -193,7 +207,7 @@ class CacheUpkeep:
                     locks.discard(lock.path.stem)
         for key in sorted(locks):  # lock files without a temporary folder
             lock = BuildLock(self.root / f"{key}.lock")
-            if lock.try_acquire():
+            if not _building_elsewhere(lock.path) and lock.try_acquire():
                 lock.release()
                 removed.append(lock.path.name)
         if removed:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from slimserve.optimizers.registry import Optimization, register
+from slimserve.optimizers.registry import Optimization, RunsOn, register
 
 
 @register
@@ -18,10 +18,10 @@ class FP8(Optimization):
     method: Literal["fp8"] = "fp8"
     ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
-
-    @property
-    def runs_on_vllm_cpu(self) -> bool:
-        return False  # no FP8 kernels in vLLM's CPU build
+    # vLLM's FP8 W8A8 kernels (compressed-tensors CompressedTensorsW8A8Fp8.get_min_capability: 89).
+    # Below 8.9 vLLM would serve it as weight-only FP8 (Marlin), not what this variant promises.
+    runs_on = RunsOn(frozenset({"cuda"}), (8, 9), "vLLM's FP8 W8A8 kernels need Ada, Hopper or later; its CPU build has no kernels for FP8")
+    version = 1
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -9,7 +9,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from slimserve.optimizers.calibration import Calibration
-from slimserve.optimizers.registry import Optimization, register
+from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
+from slimserve.optimizers.registry import Optimization, RunsOn, register
 
 
 @register
@@ -27,11 +28,14 @@ class GPTQ(Optimization):
     ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
     calibration: Calibration = Field(default_factory=lambda: Calibration(samples=128, seq_len=512))
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+    runs_on = WNA16  # narrowed by bits and group_size (platforms)
+    version = 1
 
-    @property
-    def runs_on_vllm_cpu(self) -> bool:
-        # vLLM CPU's WNA16 kernels take grouped 4-bit weights only
-        return self.bits == 4 and self.group_size is not None
+    def platforms(self) -> RunsOn:
+        return weight_only_runs_on(self.bits, self.group_size)
+
+    def engine_env(self, device: str) -> dict[str, str]:
+        return weight_only_engine_env(self.bits, device)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import GPTQModifier

@@ -11,6 +11,7 @@ class NoOptimization(Optimization):
 
     method: Literal["none"] = "none"
     needs_optimizer_env = False
+    version = 1  # builds nothing (no cache key); set as every method's is
 
     @property
     def produces_artifact(self) -> bool:

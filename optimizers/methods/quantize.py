@@ -6,6 +6,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from slimserve.optimizers.registry import RunsOn
+
+# Weight-only int (W4A16 / W8A16, compressed-tensors WNA16): on CUDA vLLM's WNA16 kernels (Turing
+# and up); vLLM CPU's take grouped 4-bit weights only (8-bit fails with "Failed to find a kernel").
+WNA16 = RunsOn(min_capability=(7, 5), reason="vLLM's WNA16 kernels: Turing and up; on CPU grouped 4-bit weights only")
+WNA16_GPU_ONLY = RunsOn(frozenset({"cuda"}), (7, 5), "vLLM's CPU build has no kernels for 8-bit or ungrouped weights: "
+                        "its WNA16 kernels take 4-bit weights with a group size")
+
+
+# Compressed-tensors W4A16 on CUDA: vLLM 0.26 picks its Machete kernel on Hopper, Marlin decodes
+# faster (8B shape, H100: 1.89x bf16 at batch 1 against Machete's 1.62x, and 1.58x against 1.54x
+# at batch 32; docs/BENCHMARKS.md, "GPU speed and cold start"). Where Machete does not exist
+# (before Hopper) vLLM picks Marlin anyway, so turning Machete off costs nothing there.
+W4A16_CUDA_ENV = {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}
+
+
+def weight_only_engine_env(bits: int, device: str) -> dict[str, str]:
+    """The engine environment of a weight-only checkpoint (rtn, gptq, qat, qlora) on `device`."""
+    return dict(W4A16_CUDA_ENV) if bits == 4 and device == "cuda" else {}
+
+
+def weight_only_runs_on(bits: int, group_size: int | None) -> RunsOn:
+    """Where a W`bits`A16 checkpoint (per channel when `group_size` is None) runs."""
+    return WNA16 if bits == 4 and group_size else WNA16_GPU_ONLY
+
 
 def linear_in_features(base: Path) -> set[int]:
     """Input widths of the checkpoint's Linear layers (lm_head aside), read from a weightless copy."""

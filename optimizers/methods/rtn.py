@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from slimserve.optimizers.registry import Optimization, register
+from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
+from slimserve.optimizers.registry import Optimization, RunsOn, register
 
 
 @register
@@ -22,6 +23,8 @@ class RTN(Optimization):
     symmetric: bool = Field(True, description="Symmetric (no zero point) weights.")
     ignore: tuple[str, ...] = Field(("lm_head",), description="Modules left unquantized.")
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+    runs_on = WNA16  # narrowed by bits and group_size (platforms)
+    version = 1
 
     @model_validator(mode="before")
     @classmethod
@@ -30,10 +33,11 @@ class RTN(Optimization):
             data = {**data, "group_size": 128}
         return data
 
-    @property
-    def runs_on_vllm_cpu(self) -> bool:
-        # vLLM CPU's WNA16 kernels take grouped 4-bit weights only
-        return self.bits == 4 and self.group_size is not None
+    def platforms(self) -> RunsOn:
+        return weight_only_runs_on(self.bits, self.group_size)
+
+    def engine_env(self, device: str) -> dict[str, str]:
+        return weight_only_engine_env(self.bits, device)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -39,6 +39,7 @@ class SparsePrune(Optimization):
     ignore: tuple[str, ...] = Field(("lm_head",), description="Module names (or `re:` patterns) left dense.")
     calibration: Calibration = Field(default_factory=Calibration)
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+    version = 1  # dense weights on disk: runs wherever the base does (runs_on's default)
 
     @field_validator("pattern")
     @classmethod

@@ -43,6 +43,7 @@ class StructuredPrune(Optimization):
     )
     libraries = ("torch", "transformers", "accelerate")
     needs_optimizer_env = False  # torch + transformers only: runs in the serving environment
+    version = 1
 
     def input_digest(self) -> str | None:
         """Content hash of the healing text (it goes into the artifact's cache key)."""

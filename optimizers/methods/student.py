@@ -59,6 +59,7 @@ class Student(Optimization):
     )
     libraries = ("torch", "transformers", "accelerate")
     needs_optimizer_env = False  # torch + transformers only
+    version = 1
 
     @model_validator(mode="after")
     def _one_source(self) -> "Student":

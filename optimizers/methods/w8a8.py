@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from slimserve.optimizers.calibration import Calibration
-from slimserve.optimizers.registry import Optimization, register
+from slimserve.optimizers.registry import Optimization, RunsOn, register
 
 
 @register
@@ -29,6 +29,9 @@ class W8A8(Optimization):
     )
     calibration: Calibration = Field(default_factory=Calibration)
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
+    # vLLM's int8 GEMMs: CPU, and CUDA from Turing (CompressedTensorsW8A8Int8.get_min_capability: 75).
+    runs_on = RunsOn(min_capability=(7, 5), reason="vLLM's int8 W8A8 kernels: CPU, and CUDA GPUs from Turing")
+    version = 1
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier

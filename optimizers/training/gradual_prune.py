@@ -96,6 +96,7 @@ class GradualPrune(GradualSchedule):
     """MLP channels pruned over training on a cubic schedule, with KD from the unpruned model."""
 
     method: Literal["gradual_prune"] = "gradual_prune"
+    version = 1
     mlp_keep: float = Field(0.5, gt=0, lt=1, description="Fraction of MLP channels kept at the end.")
     mlp_multiple: int = Field(32, ge=1, description="Round the kept MLP width to a multiple of this.")
 

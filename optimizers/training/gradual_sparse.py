@@ -33,6 +33,7 @@ class GradualSparse(GradualSchedule):
     """Decoder Linear weights zeroed over training (2:4 or unstructured), KD from the dense model."""
 
     method: Literal["gradual_sparse"] = "gradual_sparse"
+    version = 1
     pattern: str = Field("2:4", description="`unstructured`, or `N:M` (N zeros in every M consecutive weights of a row).")
     sparsity: float = Field(0.5, gt=0, lt=1, description="Fraction of weights zeroed at the end (for N:M: N/M).")
 

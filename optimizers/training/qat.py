@@ -22,7 +22,8 @@ from pydantic import Field
 from slimserve.optimizers.calibration import Calibration
 from slimserve.optimizers.training.kd_trainer import DistillArgs
 from slimserve.optimizers.quality import HeldOut
-from slimserve.optimizers.registry import Optimization, register
+from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
+from slimserve.optimizers.registry import Optimization, RunsOn, register
 
 
 class TrainedQuantization(Optimization):
@@ -44,6 +45,13 @@ class TrainedQuantization(Optimization):
         "(before = what round-to-nearest gives).",
     )
     libraries = ("torchao", "llmcompressor", "compressed-tensors", "transformers", "torch")
+    runs_on = WNA16  # the checkpoint `rtn` writes; narrowed by bits (platforms)
+
+    def platforms(self) -> RunsOn:
+        return weight_only_runs_on(self.bits, self.group_size)
+
+    def engine_env(self, device: str) -> dict[str, str]:
+        return weight_only_engine_env(self.bits, device)
 
     def input_digest(self) -> str | None:
         """Content hash of the training text (it goes into the artifact's cache key)."""
@@ -55,6 +63,7 @@ class QAT(TrainedQuantization):
     """Quantization-aware training (torchao fake quantization + KD), exported as W4A16 / W8A16."""
 
     method: Literal["qat"] = "qat"
+    version = 1
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         return train_through_quantizer(base, out, self.bits, self.group_size, self.ignore, self.train, self.eval)

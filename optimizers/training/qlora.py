@@ -44,6 +44,7 @@ class QLoRA(TrainedQuantization):
     """Low-rank adapters trained through the 4/8-bit quantizer (KD), merged and exported as W4A16 / W8A16."""
 
     method: Literal["qlora"] = "qlora"
+    version = 1
     rank: int = Field(16, ge=1, le=512, description="LoRA rank r of every adapter.")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: the update is (lora_alpha / rank) x B A.")
     target_modules: tuple[str, ...] = Field(

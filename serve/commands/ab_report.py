@@ -193,6 +193,15 @@ def pick_baseline(stats: dict[str, VariantStats], asked: str | None) -> str:
     return "baseline" if "baseline" in stats else max(stats, key=lambda v: stats[v].requests)
 
 
+def _change(test: tuple[float, float, int | None] | None, worse: str, better: str) -> tuple[float | None, str]:
+    """The two-sided p-value of a pair of one-sided tests (p worse, p better, ...), each at
+    ALPHA / 2 (latency: another ALPHA / 4 bounds the baseline's p95), and the change it shows."""
+    if test is None:
+        return None, "not enough data"
+    p = min(1.0, 2 * min(test[:2]))
+    return p, "no significant difference" if p >= ALPHA else worse if test[0] < test[1] else better
+
+
 def compare(prom: str, model: str, window: str, stats: dict[str, VariantStats], baseline: str) -> list[Comparison]:
     hist = _buckets(prom, model, window, "slimserve_e2e_request_latency_seconds")
     base = stats[baseline]
@@ -203,13 +212,8 @@ def compare(prom: str, model: str, window: str, stats: dict[str, VariantStats], 
         enough = min(base.requests, cand.requests) >= MIN_REQUESTS
         tail = tail_test(hist.get(baseline, []), hist.get(name, [])) if enough else None
         errs = error_test(base, cand) if enough else None
-        # Two one-sided tests at ALPHA / 2 each (latency: another ALPHA / 4 bounds the baseline's p95).
-        lat_p = min(1.0, 2 * min(tail[:2])) if tail else None
-        err_p = min(1.0, 2 * min(errs[:2])) if errs else None
-        lat = ("not enough data" if tail is None else "no significant difference" if lat_p >= ALPHA
-               else "slower" if tail[0] < tail[1] else "faster")
-        err = ("not enough data" if errs is None else "no significant difference" if err_p >= ALPHA
-               else "more errors" if errs[0] < errs[1] else "fewer errors")
+        lat_p, lat = _change(tail, "slower", "faster")
+        err_p, err = _change(errs, "more errors", "fewer errors")
         more = [f"{what}: about {t[2]} more {name} requests at this rate" for what, t, c in
                 (("latency", tail, lat), ("errors", errs, err)) if t and c == "no significant difference" and t[2]]
         if not enough:

@@ -55,8 +55,11 @@ def _validate(args) -> int:
             for v in m.variants:
                 eng = m.engine_for(v)
                 share = "auto" if eng.gpu_share is None else f"{eng.gpu_share:g}"
+                scaling = m.autoscaling_for(v)
+                replicas = (f"{scaling.min_replicas}-{scaling.max_replicas} (autoscaling)" if scaling
+                            else str(m.deployment.replicas))
                 print(f"{indent}{m.name}/{v.name}: {v.optimization.method}, weight {v.weight:g}, "
-                      f"tp {eng.tensor_parallel_size}, gpu_share {share}")
+                      f"tp {eng.tensor_parallel_size}, gpu_share {share}, replicas {replicas}")
     if f.ignored:
         print(f"  not used by `slimserve run` (only by `serve run`): {', '.join(f.ignored)}")
     return 0
@@ -133,13 +136,13 @@ def _optimize(args) -> int:
                          build_timeout_s=v.build_timeout_s, cache_max_gib=cfg.cache_max_gib)
             base_size, size = size_on_disk(r.base), size_on_disk(r.path)
             status = "base" if r.cache_hit is None else ("hit" if r.cache_hit else "built")
-            report = r.manifest.get("report", {})
-            q = report.get("quality", {})
+            report = r.manifest.report if r.manifest else None
+            q = report.quality if report else None
             fmt = lambda x: f"{x:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
             rows.append((
                 f"{m.name}/{v.name}", r.method, status,
-                fmt(report.get("optimize_seconds", r.seconds)), f"{size / 1e6:.1f}", f"{size / base_size:.2f}x",
-                fmt(q.get("base_perplexity")), fmt(q.get("perplexity")), fmt(q.get("ppl_ratio")), str(r.path),
+                fmt(report.optimize_seconds if report else r.seconds), f"{size / 1e6:.1f}", f"{size / base_size:.2f}x",
+                fmt(q and q.base_perplexity), fmt(q and q.perplexity), fmt(q and q.ppl_ratio), str(r.path),
             ))
     if not rows:
         print("no variant matched", file=sys.stderr)

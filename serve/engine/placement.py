@@ -7,8 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# vLLM's own default gpu_memory_utilization: the headroom one engine leaves on a whole GPU is
-# kept when engines share one (two engines at 0.5 take 0.45 each).
+# The memory share of a whole GPU: a little under vLLM's own default gpu_memory_utilization (0.92
+# in vLLM 0.26; 0.9 in earlier releases), and the headroom one engine leaves is kept when engines
+# share one (two engines at 0.5 take 0.45 each).
 MEMORY_PER_SHARE = 0.9
 # Below this an engine's memory share holds little more than a CUDA context.
 MIN_SHARE = 0.05

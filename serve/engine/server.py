@@ -17,9 +17,9 @@ from slimserve.optimizers.report import size_on_disk, weight_bytes
 
 from slimserve.serve.engine.cpu_binding import SLOTS_ENV, claim_slot
 from slimserve.serve.engine.facts import engine_gpu_memory_bytes, tree_rss_bytes
-from slimserve.serve.handoff import OnLoadSpec, PreparedCheckpoint
+from slimserve.serve.handoff import EngineRecord, OnLoadSpec, PreparedCheckpoint
 from slimserve.serve.metrics import metric
-from slimserve.serve.rayllm import FirstChunkAtOnce, adopt_renamed_serving_objects, engine_client
+from slimserve.serve.rayllm import FirstChunkAtOnce, adopt_renamed_serving_objects, engine_client, llm_config_of
 from slimserve.serve.config.retry import describe_retry, retry_status
 
 log = logging.getLogger("slimserve.server")
@@ -33,7 +33,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
     _engine_lost: str | None = None  # the engine failed to start on a retry: Serve replaces the replica
 
     async def start(self):
-        self.spec = OnLoadSpec.model_validate(self._llm_config.callback_config.callback_kwargs)
+        self.spec = OnLoadSpec.model_validate(llm_config_of(self).callback_config.callback_kwargs)
         self.timings: dict[str, float] = {}
         t0 = time.monotonic()
         slots = os.environ.get(SLOTS_ENV)
@@ -63,7 +63,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
     async def _start_once(self) -> None:
         """Ray Serve LLM's start: the on-load hook (optimizing; on GPU hosts it then takes the
         node's engine-start lock, onload.on_after_node_init), then the engine."""
-        custom = self._llm_config.get_or_create_callback().ctx.custom_data
+        custom = llm_config_of(self).get_or_create_callback().ctx.custom_data
         try:
             await super().start()
         finally:
@@ -75,7 +75,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
 
     def _failure(self) -> tuple[str | None, bool]:
         """The on-load step's failure (None: it did not fail), and whether a retry may help."""
-        custom = self._llm_config.get_or_create_callback().ctx.custom_data
+        custom = llm_config_of(self).get_or_create_callback().ctx.custom_data
         return custom.get("slimserve_failure"), bool(custom.get("slimserve_failure_transient"))
 
     def _started(self, t0: float) -> None:
@@ -126,7 +126,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         return await super().check_health()
 
     def _prepared(self) -> PreparedCheckpoint | None:
-        return self._llm_config.get_or_create_callback().ctx.custom_data.get("slimserve")
+        return llm_config_of(self).get_or_create_callback().ctx.custom_data.get("slimserve")
 
     def _report_optimization(self) -> None:
         labels, prep = self.spec.labels, self._prepared()
@@ -135,15 +135,15 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         method = prep.method
         metric("slimserve_optimization_seconds").set(prep.prepare_seconds, tags={**labels, "method": method})
         metric("slimserve_quality_gate_failed").set(1 if prep.quality_gate.startswith("failed") else 0, tags=labels)
-        quality = prep.report.get("quality") or {}
-        if "ppl_ratio" in quality:
-            metric("slimserve_quality_ratio").set(quality["ppl_ratio"], tags={**labels, "metric": "ppl_ratio"})
+        quality = prep.report.quality if prep.report else None
+        if quality is not None:
+            metric("slimserve_quality_ratio").set(quality.ppl_ratio, tags={**labels, "metric": "ppl_ratio"})
         elif method == "none":
             metric("slimserve_quality_ratio").set(1.0, tags={**labels, "metric": "ppl_ratio"})
         # A student's agreement with its teacher (optimizers/methods/student.py puts it in the report).
-        agreement = (prep.report.get("agreement") or {}).get("top1_agreement")
+        agreement = prep.report.agreement if prep.report else None
         if agreement is not None:
-            metric("slimserve_quality_ratio").set(agreement, tags={**labels, "metric": "teacher_agreement"})
+            metric("slimserve_quality_ratio").set(agreement.top1_agreement, tags={**labels, "metric": "teacher_agreement"})
 
     async def _report_forever(self) -> None:
         """Ray drops a gauge that is not set again within a few export periods, so the gauges
@@ -153,7 +153,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
         while True:
             try:
                 if sizes is None and not self.failure and not self.retry:  # served (at last, after a retry)
-                    checkpoint = Path(self._llm_config.get_engine_config().actual_hf_model_id)
+                    checkpoint = Path(llm_config_of(self).get_engine_config().actual_hf_model_id)
                     sizes = (size_on_disk(checkpoint), weight_bytes(checkpoint)) if checkpoint.is_dir() else ()
                 metric("slimserve_optimization_failed").set(1 if self.failure else 0, tags=labels)
                 self._report_optimization()
@@ -169,11 +169,13 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
             await asyncio.sleep(METRICS_INTERVAL_S)
 
     async def slimserve_info(self) -> dict[str, Any]:
-        """Facts from the live vLLM engine and the on-load step, for /v1/models and tests."""
+        """Facts from the live vLLM engine and the on-load step, for /v1/models and tests: an
+        EngineRecord, sent through Ray as a plain dict of the fields that apply."""
         vllm_config = getattr(engine_client(self), "vllm_config", None)
         prep = self._prepared()
-        info: dict[str, Any] = {"optimization": prep.model_dump() if prep else {}, "pid": os.getpid(),
-                                "timings": getattr(self, "timings", {})}
+        info: dict[str, Any] = {"pid": os.getpid(), "timings": getattr(self, "timings", {})}
+        if prep:
+            info["optimization"] = prep
         if self.retry:
             info["retrying"] = self.retry
         if self.failure:
@@ -191,4 +193,4 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
                 kv_cache_tokens=(vllm_config.cache_config.num_gpu_blocks or 0) * vllm_config.cache_config.block_size,
                 gpu_memory_utilization=vllm_config.cache_config.gpu_memory_utilization,
             )
-        return info
+        return EngineRecord(**info).model_dump(exclude_unset=True)

@@ -18,18 +18,20 @@ import os
 import time
 from pathlib import Path
 
+from slimserve.optimizers.cache.locks import HeldFd
+
 log = logging.getLogger("slimserve.start_lock")
 
 ENGINE_START_LOCK = Path(os.environ.get("SLIMSERVE_ENGINE_START_LOCK", "/tmp/slimserve-engine-start.lock"))
 
 
-class EngineStartLock:
+class EngineStartLock(HeldFd):
     """The node's engine-start lock, taken by `acquire` and given back by `release` (or by the
     process's death: the kernel drops a flock with its last fd)."""
 
     def __init__(self, who: str, path: Path | None = None):
+        super().__init__()
         self.who, self.path = who, Path(path or ENGINE_START_LOCK)
-        self.fd: int | None = None
 
     async def acquire(self, timings: dict[str, float]) -> None:
         """Wait for the lock (the replica's event loop stays free); the wait goes into `timings`."""
@@ -46,11 +48,6 @@ class EngineStartLock:
         timings["start_lock_wait_seconds"] = round(time.monotonic() - t0, 3)
         if timings["start_lock_wait_seconds"] > 1:
             log.info("%s: waited %.1f s for other engines on this node to start", self.who, timings["start_lock_wait_seconds"])
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
     @property
     def held(self) -> bool:

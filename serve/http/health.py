@@ -1,10 +1,12 @@
-"""What each variant is doing — loading, ready, waiting for resources, failed, unhealthy — as the
-ingress sees it, kept current in the background so that routing and `/v1/models` never wait on
-an engine.
+"""What each variant is doing — loading, ready, idle (scaled to zero), waiting for resources,
+failed, unhealthy — as the ingress sees it, kept current in the background so that routing and
+`/v1/models` never wait on an engine.
 
 Two sources: Serve's controller (`serve.status()`: is the variant's deployment up, still
-starting, or are its replicas not even scheduled?) and, for deployments that are up, the engine
-replica itself (`slimserve_info`: did its on-load step fail? `check_health`: does it answer?)."""
+starting, or are its replicas not even scheduled? does any replica run?) and, for deployments with
+a running replica, the engine replica itself (`slimserve_info`: did its on-load step fail?
+`check_health`: does it answer?). A deployment at zero replicas is never called: a call would
+start a replica."""
 
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from slimserve.serve.config.retry import describe_retry
+from slimserve.serve.handoff import EngineRecord
+from slimserve.serve.rayllm import waiting_for_resources
 
 log = logging.getLogger("slimserve.health")
 
-# Serve's own words when a replica waits for resources (ray/serve/_private/deployment_state.py,
-# after RAY_SERVE_SLOW_STARTUP_WARNING_S, 30 s by default).
-_NOT_SCHEDULED = "to be scheduled"
 PROBE_TIMEOUT_S = 5.0
 # A request for a variant that is not known to be ready refreshes the states first, at most this often.
 ON_DEMAND_REFRESH_S = 0.5
@@ -32,6 +35,9 @@ class State(str, Enum):
     LOADING = "loading"  # optimizing, or its engine starting
     WAITING_FOR_RESOURCES = "waiting_for_resources"  # its replica cannot be placed (yet)
     READY = "ready"
+    # Scaled to zero (autoscaling min_replicas 0, a variant without traffic): no replica runs. A
+    # request forced to it waits for one to start (a cold start); it counts as available.
+    IDLE = "idle"
     FAILED = "failed"  # its on-load step failed, or its deployment did
     UNHEALTHY = "unhealthy"  # Serve's health checks fail
 
@@ -40,29 +46,46 @@ class State(str, Enum):
 class VariantHealth:
     state: State = State.LOADING
     reason: str | None = None
-    engine: dict[str, Any] = field(default_factory=dict)  # slimserve_info of a replica, once up
+    engine: EngineRecord | None = None  # slimserve_info of a replica, once up
     since: float = field(default_factory=time.monotonic)
 
     @property
     def available(self) -> bool:
-        return self.state is State.READY
+        return self.state in (State.READY, State.IDLE)
 
     def describe(self) -> str:
         return f"{self.state.value}: {self.reason}" if self.reason else self.state.value
 
 
-def from_deployment_status(status: str, message: str) -> VariantHealth:
-    """A variant's health from its deployment's Serve status (before asking the engine)."""
+def from_deployment_status(status: str, message: str, replica_states: dict | None = None) -> VariantHealth:
+    """A variant's health from its deployment's Serve status (before asking the engine).
+    `replica_states`: Serve's replica count per state (None: unknown)."""
     status = str(status).rsplit(".", 1)[-1].upper()
     if status in ("HEALTHY", "UPSCALING", "DOWNSCALING"):
+        if replica_states is not None and not _count(replica_states, *_SERVING, "STARTING"):
+            # Up at its target, yet no replica runs or starts (at most some stopping): autoscaled
+            # to zero (Serve's status for a target of 0 is HEALTHY). Only Serve's view is used: a
+            # call through its handle would itself start a replica. (Waking from zero, a replica
+            # starting, it is `ready` as before: requests wait for that replica.)
+            return VariantHealth(State.IDLE, "scaled to zero: a request waits for a replica to start (cold start)")
         return VariantHealth(State.READY)
     if status == "DEPLOY_FAILED":
         return VariantHealth(State.FAILED, _short(message) or "its deployment failed")
     if status == "UNHEALTHY":
         return VariantHealth(State.UNHEALTHY, _short(message) or "its replicas fail their health checks")
-    if _NOT_SCHEDULED in message:
+    if waiting_for_resources(message):  # Serve's words for it, after 30 s (rayllm.NOT_SCHEDULED)
         return VariantHealth(State.WAITING_FOR_RESOURCES, _short(message))
     return VariantHealth(State.LOADING, "optimizing or starting its engine")
+
+
+# Serve's replica states of a replica that runs the engine (UPDATING: being reconfigured,
+# RECOVERING: after a controller restart, PENDING_MIGRATION: on a draining node, still serving).
+_SERVING = ("RUNNING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+
+
+def _count(replica_states: dict, *states: str) -> int:
+    """Replicas in any of `states` (Serve's ReplicaState, by name)."""
+    return sum(n for s, n in replica_states.items() if str(getattr(s, "value", s)).rsplit(".", 1)[-1].upper() in states)
 
 
 def _short(message: str) -> str:
@@ -81,6 +104,10 @@ class HealthBoard:
         self._app_name = app_name
         self._serve_status = serve_status
         self.states: dict[str, VariantHealth] = {m: VariantHealth() for m in handles}
+        # Variants whose replica a request just lost -> why: down until a probe reaches an engine
+        # again (Serve's status still says healthy for a while after a node goes).
+        self._lost: dict[str, tuple[str, float]] = {}  # model id -> (why, when)
+        self._replicas: dict[str, dict] = {}  # model id -> Serve's replica count per state, last look
         self._last_refresh = -float("inf")
         self._refreshing: asyncio.Task | None = None
         # The first serve.status() in a process connects to the controller (seconds, partly under
@@ -95,6 +122,17 @@ class HealthBoard:
 
     def state_of(self, model_id: str) -> VariantHealth:
         return self.states[model_id]
+
+    def mark_lost(self, model_id: str, error: BaseException) -> None:
+        """A request to this variant lost its replica (its node went, its actor died): route
+        around it at once, until a probe gets an answer from one of its engines again — rather
+        than send the next requests to a replica Serve has not yet noticed is gone, where they
+        would wait for its restart."""
+        why = f"lost a replica ({type(error).__name__}); routed around until one of its engines answers again"
+        if model_id not in self._lost:
+            log.warning("%s: %s", model_id, why)
+        self._lost[model_id] = (why, time.monotonic())
+        self.states[model_id] = VariantHealth(State.UNHEALTHY, why, engine=self.states[model_id].engine)
 
     async def refresh(self, wait_s: float | None = None) -> None:
         """Bring every state up to date; concurrent callers share one refresh. With `wait_s`,
@@ -135,12 +173,14 @@ class HealthBoard:
             return
         new = await asyncio.gather(*(self._probe(m, by_deployment.get(m)) for m in self._handles))
         for model_id, health in zip(self._handles, new):
+            if model_id in self._lost and health.available:  # a look begun before the loss
+                health = VariantHealth(State.UNHEALTHY, self._lost[model_id][0], engine=health.engine)
             old = self.states[model_id]
             if old.state is not health.state:
                 log.info("%s: %s -> %s", model_id, old.describe(), health.describe())
             else:
                 health.since = old.since
-            if not health.engine:
+            if health.engine is None:
                 health.engine = old.engine
             self.states[model_id] = health
 
@@ -157,7 +197,10 @@ class HealthBoard:
         for model_id, handle in self._handles.items():
             dep = app.deployments.get(getattr(handle, "deployment_name", None))
             if dep is not None:
-                out[model_id] = from_deployment_status(dep.status, dep.message or "")
+                states = getattr(dep, "replica_states", None)
+                if states is not None:
+                    self._replicas[model_id] = dict(states)
+                out[model_id] = from_deployment_status(dep.status, dep.message or "", states)
         return out
 
     async def _probe(self, model_id: str, serve_view: VariantHealth | None) -> VariantHealth:
@@ -168,17 +211,37 @@ class HealthBoard:
         variant as Serve sees it: ready; a slow answer is not a failure."""
         if serve_view is None:
             return VariantHealth(State.LOADING, "not deployed yet")
+        if serve_view.state is State.IDLE:
+            # No replica (a call through the handle would start one). Once Serve has none at all,
+            # not even a stopping one, a replica a request lost is gone from its view too: the
+            # next request starts a fresh one.
+            states = self._replicas.get(model_id)
+            if states is not None and not any(states.values()):
+                self._lost.pop(model_id, None)
+            return serve_view
         if not serve_view.available:
             return serve_view
+        asked = time.monotonic()
         try:
             info = await asyncio.wait_for(self._handles[model_id].slimserve_info.remote(), timeout=PROBE_TIMEOUT_S)
         except Exception as e:
+            if model_id in self._lost:  # no engine answers yet: the lost replica is still the one Serve has
+                return VariantHealth(State.UNHEALTHY, self._lost[model_id][0])
             log.info("%s: no engine record yet (%s); Serve reports it healthy", model_id, type(e).__name__)
             return VariantHealth(State.READY)
-        if info.get("retrying"):  # failed for a transient reason, tries again (serve/config/retry.py)
-            return VariantHealth(State.LOADING, describe_retry(info["retrying"]), engine=info)
-        if info.get("failed"):
+        if model_id in self._lost and self._lost[model_id][1] < asked:  # asked after the loss: a live engine
+            del self._lost[model_id]
+            log.info("%s: an engine answers again", model_id)
+        try:
+            record = EngineRecord.model_validate(info)
+        except ValidationError as e:  # an engine of other slimserve code: not routed to blindly
+            log.error("%s: its engine's record does not read: %s", model_id, e)
+            fields = ", ".join(".".join(map(str, x["loc"])) for x in e.errors())
+            return VariantHealth(State.FAILED, f"its engine's record does not read (fields: {fields}); other slimserve code?")
+        if record.retrying:  # failed for a transient reason, tries again (serve/config/retry.py)
+            return VariantHealth(State.LOADING, describe_retry(record.retrying), engine=record)
+        if record.failed:
             # The first line says what failed (the optimizer's last output lines follow it; the
             # whole text is in slimserve_info and the replica's log).
-            return VariantHealth(State.FAILED, f"failed to load: {info['failed'].splitlines()[0]}", engine=info)
-        return VariantHealth(State.READY, engine=info)
+            return VariantHealth(State.FAILED, f"failed to load: {record.failed.splitlines()[0]}", engine=record)
+        return VariantHealth(State.READY, engine=record)

@@ -30,7 +30,10 @@ from slimserve.serve.http.guard import (
 from slimserve.serve.handoff import IngressSpec, IngressWeights
 from slimserve.serve.http.health import HealthBoard
 from slimserve.serve.http.model_cards import public_card, variant_card
-from slimserve.serve.rayllm import ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error
+from slimserve.serve.rayllm import (
+    IngressSeams, ModelCard, ModelList, OpenAIHTTPException, get_request_id, get_response_for_error, model_ids,
+    variant_handles,
+)
 from slimserve.serve.http.live_probes import LiveProbes, probe_plans
 from slimserve.serve.http.rollout_routes import ADMIN_PREFIX, Rollouts
 from slimserve.serve.http.shadow import ShadowCopies
@@ -46,22 +49,21 @@ GAUGE_REFRESH_S = 5.0
 LISTING_WAIT_S = 1.0
 
 
-class SlimserveIngress(OpenAiIngress):
-    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, spec: dict, **kwargs):
+class SlimserveIngress(IngressSeams, OpenAiIngress):
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, spec: dict, rollout_owner=None, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._spec = IngressSpec.model_validate(spec)
         self._api_keys = api_keys_from_env(self._spec.api_keys_env)
         self._router = Router(self._spec.splits, allow_forced=self._spec.allow_forced_variant,
                               sticky=self._spec.sticky, shadows=self._spec.shadows)
-        handles = self._default_serve_handles
+        handles = variant_handles(self)
         app_name = next(iter(handles.values())).app_name if handles else None
         self._health = HealthBoard(handles, app_name, serve.status)
-        self._shadow = ShadowCopies(self._spec.shadow_max_in_flight, super()._get_response)
-        self._rollouts = Rollouts(self._spec.rollouts, self._spec.rollout_dir, app_name, self._router)
-        self._live = LiveProbes(probe_plans(self._spec), super()._get_response, on_result=self._rollouts.probed)
-        self._rollouts.tick(lambda model_id: None)  # route by a stored rollout from the first request on
+        self._shadow = ShadowCopies(self._spec.shadow_max_in_flight, super().engine_response)
+        self._rollouts = Rollouts(self._spec.rollouts, rollout_owner, self._router)
+        self._live = LiveProbes(probe_plans(self._spec), super().engine_response, on_result=self._rollouts.probed)
         self._probe_task: asyncio.Task | None = None
-        # id(body) -> (timer, rename): what _get_response needs of a request in flight.
+        # id(body) -> (timer, rename): what engine_response needs of a request in flight.
         self._in_flight: dict[int, tuple[telemetry.RequestTimer, tuple[str, str] | None]] = {}
 
     def reconfigure(self, user_config: dict) -> None:
@@ -78,15 +80,15 @@ class SlimserveIngress(OpenAiIngress):
         an HTTP route: API clients see the weights in /v1/models)."""
         return {"pid": os.getpid(), "weights": self._router.weights()}
 
-    def _set_asgi_app(self, app) -> None:
-        # Ray Serve hands the replica's FastAPI app over here before it starts serving: the last
-        # chance to put the key and body-size check in front of every route.
+    def on_asgi_app(self, app) -> None:
+        # Ray Serve hands the replica's FastAPI app over here before it starts serving
+        # (rayllm.IngressSeams): the last chance to put the key and body-size check in front of
+        # every route.
         admin_keys = api_keys_from_env(self._spec.admin_keys_env)
         app.add_middleware(GuardMiddleware, api_keys=self._api_keys, max_body_bytes=self._spec.limits.max_body_bytes,
                            admin_keys=admin_keys, admin_prefix=ADMIN_PREFIX)
         self._rollouts.add_admin_routes(app, admin_keys)
         app.add_api_route(ADMIN_PREFIX + "variants", admin_only(self._admin_variants, admin_keys), methods=["GET"])
-        super()._set_asgi_app(app)
 
     async def _admin_variants(self, request: Request) -> dict:
         """GET /slimserve/variants (admin key): what /v1/models leaves out for clients — each
@@ -94,7 +96,8 @@ class SlimserveIngress(OpenAiIngress):
         each rollout's history and evidence."""
         return {
             "variants": {model_id: {"model": name, "variant": route.variant, "state": h.state.value,
-                                    "reason": h.reason, "engine": h.engine}
+                                    "reason": h.reason,
+                                    "engine": h.engine.model_dump(exclude_unset=True) if h.engine else {}}
                          for model_id, (name, route) in self._router.by_model_id.items()
                          for h in [self._health.state_of(model_id)]},
             "rollouts": {name: self._rollouts.summary(name) for name in self._spec.rollouts},
@@ -107,6 +110,7 @@ class SlimserveIngress(OpenAiIngress):
         forced = request.headers.get(VARIANT_HEADER)
         # None of the candidates known up (e.g. the first request after a deploy): look now.
         await self._health.refresh_if_stale(self._router.candidates(body.model, forced))
+        await self._rollouts.first_sync(self._candidate_up)  # a stored rollout routes from the first request on
         user = self._user_of(body, request)
         state = self._health.state_of
         try:
@@ -126,7 +130,7 @@ class SlimserveIngress(OpenAiIngress):
         # The key's digest, not the key: the identity is only hashed again, never shown.
         return hashlib.blake2b(key, digest_size=16).hexdigest() if key and self._api_keys else None
 
-    async def _answer(self, handler, body, request: Request, call_method: str) -> Response:
+    async def _answer(self, handler, body, request: Request, call_method: str, rerouted: bool = False) -> Response:
         self._ensure_probe()
         requested = body.model
         try:
@@ -136,10 +140,11 @@ class SlimserveIngress(OpenAiIngress):
             telemetry.record_refused(requested if requested in self._router.splits else UNKNOWN_MODEL, e.status_code)
             raise
         labels = {"model": target.model, "variant": target.variant}
-        if target.shadow_model_id:
+        if target.shadow_model_id and not rerouted:
             shadow = self._router.by_model_id[target.shadow_model_id][1].variant
             self._shadow.send(body, call_method, target.shadow_model_id, {"model": target.model, "variant": shadow})
-        self._live.maybe_probe(body, call_method, target.model)
+        if not rerouted:
+            self._live.maybe_probe(body, call_method, target.model)
         # The user groups requests for the rollout's statistics (a sticky user's go together).
         user = self._user_of(body, request)
         timer = telemetry.start_timer(body, labels, on_finish=functools.partial(self._rollouts.observe, user=user))
@@ -160,7 +165,15 @@ class SlimserveIngress(OpenAiIngress):
             timer.finish(str(e.status_code))
             raise
         except telemetry.REPLICA_LOST as e:
-            return self._replica_lost(e, target, timer)
+            self._health.mark_lost(target.model_id, e)
+            if rerouted or not self._another_is_up(requested, request, target):
+                return self._replica_lost(e, target, timer)
+            # Nothing reached the client yet: once more, on a variant that is up.
+            timer.finish("503")
+            log.warning("%s/%s: replica lost before the answer began (%s): rerouting", target.model,
+                        target.variant, type(e).__name__)
+            body.model = requested
+            return await self._answer(handler, body, request, call_method, rerouted=True)
         except Exception as e:
             raise self._client_error(e, target, timer, request) from None
         except BaseException:
@@ -191,6 +204,15 @@ class SlimserveIngress(OpenAiIngress):
             "InternalServerError",
         )
 
+    def _another_is_up(self, requested, request: Request, lost: Target) -> bool:
+        """Whether a request that lost its replica may go to another variant of its model: it did
+        not pick its variant (forced, or by the variant's own id) and another one is up."""
+        if requested in self._router.by_model_id:
+            return False
+        others = [m for m in self._router.candidates(requested, request.headers.get(VARIANT_HEADER))
+                  if m != lost.model_id]
+        return any(self._health.state_of(m).available for m in others)
+
     def _replica_lost(self, e: Exception, target: Target, timer) -> Response:
         """The replica (or node) serving the request went away: a 503 with Retry-After, so that
         clients retry (the openai client does) instead of giving up on a 500. By one health probe
@@ -202,9 +224,9 @@ class SlimserveIngress(OpenAiIngress):
                               f"request ({type(e).__name__}); retry after {retry} s", "server_error",
                               {"retry-after": str(retry), VARIANT_HEADER: target.variant})
 
-    async def _get_response(self, *, body, call_method, raw_request=None):
+    async def engine_response(self, *, body, call_method, raw_request=None):
         timer, rename = self._in_flight.pop(id(body), (None, None))
-        async for item in super()._get_response(body=body, call_method=call_method, raw_request=raw_request):
+        async for item in super().engine_response(body=body, call_method=call_method, raw_request=raw_request):
             if timer is not None:
                 item = timer.saw(item)
                 if item is None:
@@ -253,6 +275,9 @@ class SlimserveIngress(OpenAiIngress):
         if self._probe_task is None or self._probe_task.done():
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_forever())
 
+    def _candidate_up(self, model_id: str) -> bool | None:
+        return self._health.state_of(model_id).available
+
     async def check_health(self):
         self._ensure_probe()  # Serve calls this periodically: the probe runs without traffic too
 
@@ -268,14 +293,14 @@ class SlimserveIngress(OpenAiIngress):
                     log.warning("variant health refresh failed: %s", e)
             self._live.set_gauges()
             try:
-                self._rollouts.tick(lambda model_id: self._health.state_of(model_id).available)
+                await self._rollouts.sync(self._candidate_up)
             except Exception as e:  # a rollout's trouble must not stop the health loop
                 log.warning("rollout: %s", e)
             telemetry.set_variant_gauges([
                 ({"model": name, "variant": route.variant}, route.weight, self._health.state_of(model_id).available)
                 for model_id, (name, route) in self._router.by_model_id.items()
             ])
-            await asyncio.sleep(min(GAUGE_REFRESH_S, interval, self._rollouts.interval_s or GAUGE_REFRESH_S))
+            await asyncio.sleep(min(GAUGE_REFRESH_S, interval, self._rollouts.report_every_s or GAUGE_REFRESH_S))
 
     # --- /v1/models -----------------------------------------------------------------------
 
@@ -295,7 +320,7 @@ class SlimserveIngress(OpenAiIngress):
     async def models(self) -> ModelList:
         """Public names first (their variants, weights and states), then each variant's card
         with what its running engine reported; a variant still loading has an empty `engine`."""
-        variant_cards = [await self.model(m) for m in self._model_cards]
+        variant_cards = [await self.model(m) for m in model_ids(self)]
         public = [public_card(name, self._router, self._health.state_of, self._rollouts.summary(name))
                   for name in self._router.splits]
         return ModelList(data=public + [c for c in variant_cards if c is not None])

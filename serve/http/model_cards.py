@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from slimserve.serve.handoff import EngineRecord
 from slimserve.serve.http.split import Router
 from slimserve.serve.http.health import VariantHealth
 from slimserve.serve.rayllm import ModelCard
@@ -43,17 +44,19 @@ def variant_card(card: ModelCard, name: str, variant: str, health: VariantHealth
     return card.model_copy(update={"metadata": meta})
 
 
-def public_engine_facts(info: dict) -> dict:
-    """What a variant's engine reported, minus what API clients have no business seeing (file
-    paths on the server, process ids): the artifact is named by its cache key. Operators get the
-    whole record from the deployment (`slimserve_info`) through Ray."""
+def public_engine_facts(record: EngineRecord | None) -> dict:
+    """What a variant's engine reported (None: nothing yet), minus what API clients have no
+    business seeing (file paths on the server, process ids): the artifact is named by its cache
+    key. Operators get the whole record from the deployment (`slimserve_info`) through Ray."""
+    if record is None:
+        return {}
     # `failed`: the optimizer's last lines of output (its public summary is `unavailable_because`).
-    out = {k: v for k, v in info.items() if k not in ("pid", "checkpoint", "failed")}
-    if "optimization" in info:
-        optimization = {k: v for k, v in (info["optimization"] or {}).items() if k not in ("checkpoint", "base")}
-        if info["optimization"] and info["optimization"].get("cache_hit") is not None:
-            optimization["artifact"] = Path(info["optimization"]["checkpoint"]).name
-        out["optimization"] = optimization
+    out = record.model_dump(exclude_unset=True, exclude={"pid", "checkpoint", "failed", "optimization"})
+    prep = record.optimization
+    if prep is not None:
+        out["optimization"] = prep.model_dump(exclude_unset=True, exclude={"checkpoint", "base"})
+        if prep.cache_hit is not None:
+            out["optimization"]["artifact"] = Path(prep.checkpoint).name
     return without_paths(out)
 
 

@@ -1,14 +1,15 @@
-"""Progressive rollout of one model's candidate variant: the controller the ingress runs.
+"""Progressive rollout of one model's candidate variant: the controller the rollout's owner runs
+(rollout/owner.py, one per app).
 
-Every `evaluate_every_s` the leading ingress replica weighs the current step's evidence
-(rollout_evidence.decide): a guardrail breach sets the candidate's share to 0 at once and records
-why; a step with enough significant evidence advances; otherwise the step holds. The state lives
-on disk (rollout/state.py), so a restart resumes the rollout; every replica routes by it.
+Every `evaluate_every_s` the controller weighs the current step's evidence (evidence.decide): a
+guardrail breach sets the candidate's share to 0 at once and records why; a step with enough
+significant evidence advances; otherwise the step holds. The state is stored (rollout/state.py),
+so a restart resumes the rollout; every ingress replica routes by it.
 
-The evidence is what the leading replica itself answered (its requests, outcomes and latencies
-of the two variants since the rollout, or this process, started, and its live probes): with
-several ingress replicas it is that replica's share of the traffic. A step's minimum counts from
-the step's start or, after a restart, from when the evidence restarted."""
+The evidence is what every ingress replica answered (their requests, outcomes and latencies of
+the two variants since the rollout, or the owner, started, and their live probes), reported to
+the owner. A step's minimum counts from the step's start or, after a restart, from when the
+evidence restarted."""
 
 from __future__ import annotations
 
@@ -148,11 +149,7 @@ class RolloutController:
     # --- what the ingress does with the state -------------------------------------------------
 
     def pair_weights(self, configured: dict[str, float]) -> dict[str, float]:
-        """The two variants' weights for the current share; together they keep the weight the
-        config gave them (others are untouched)."""
-        total = (configured.get(self.baseline, 0) + configured.get(self.candidate, 0)) or 1.0
-        share = (self.state.percent if self.state else self.settings.steps[0]) / 100
-        return {self.candidate: total * share, self.baseline: total * (1 - share)}
+        return pair_weights(share_percent(self.state, self.settings), self.baseline, self.candidate, configured)
 
     def set_gauges(self) -> None:
         if self.state is None:
@@ -184,3 +181,15 @@ class RolloutController:
                              "outcomes": {side: dict(zip(OUTCOMES, map(int, getattr(ev, side).outcomes)))
                                           for side in ("baseline", "candidate")}},
                 "history": [h.model_dump() for h in s.history]})  # + the state file's error, if any
+
+
+def share_percent(state: RolloutState | None, settings: RolloutSettings) -> float:
+    """The candidate's share of the pair's traffic, %: the state's, or the first step's before any."""
+    return state.percent if state else settings.steps[0]
+
+
+def pair_weights(percent: float, baseline: str, candidate: str, configured: dict[str, float]) -> dict[str, float]:
+    """The two variants' weights for the candidate's share; together they keep the weight the
+    config gave them (others are untouched)."""
+    total = (configured.get(baseline, 0) + configured.get(candidate, 0)) or 1.0
+    return {candidate: total * percent / 100, baseline: total * (1 - percent / 100)}

@@ -1,6 +1,8 @@
-"""A rollout's state on disk, beside the artifact cache (a PVC under Kubernetes): it survives a
-restart of the ingress or of the whole app. One ingress replica leads (holds a lock file for its
-life) and is the only one that decides; every replica reads the state and routes by it."""
+"""A rollout's state: written by the rollout's one owner (rollout/owner.py) to Ray's GCS key-value
+store, where Ray Serve's controller keeps its own checkpoint (it survives the owner's restart, a
+node's loss and a redeploy), and to a file beside the artifact cache (a PVC under Kubernetes: it
+survives a new Ray cluster too). Reads take the newer of the two (`revision`), so a node-local
+cache folder with an old file never wins over the GCS copy."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -40,6 +42,7 @@ class RolloutState(BaseModel):
     settings_digest: str = Field(description="Of the baseline, candidate and steps: a change starts a new rollout.")
     tuning_digest: str = Field("", description="Of the rest of the block (guardrails, durations): a change keeps the step.")
     status: Status = "running"
+    revision: int = Field(0, description="Saves so far: of two stored copies the higher one is current.")
     step: int = 0
     step_started: float = Field(default_factory=time.time)
     history: list[StepRecord] = Field(default_factory=list)
@@ -69,10 +72,18 @@ def _digest(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class KeyValue(Protocol):
+    """Where a copy of the state lives besides the file (Ray's GCS store: rayllm.GcsKeyValue)."""
+
+    def get(self, key: str) -> bytes | None: ...
+    def put(self, key: str, value: str) -> None: ...
+
+
 class StateStore:
-    """`{folder}/{app}--{model}.json`, written atomically and durably under `.write.lock`;
-    `.lead.lock` is held by the leading replica for its life (the kernel releases it when the
-    process dies).
+    """`{folder}/{app}--{model}.json`, written atomically and durably under `.write.lock`, and its
+    copy under `rollout/{app}--{model}` in `mirror`. `.lead.lock` is held by the deciding process
+    for its life (the kernel releases it when the process dies): the rollout's owner, of which
+    there is one per app, so the lock only matters while a redeploy replaces it.
 
     A state file that cannot be read (a disk fault, a hand edit) is the operator's to resolve,
     never silently replaced by a fresh rollout (which could send traffic again to a candidate that
@@ -80,26 +91,44 @@ class StateStore:
     GET), nobody leads meanwhile, and removing the file or an admin action (abort, promote),
     which writes a new state, ends it."""
 
-    def __init__(self, folder: Path, app: str, model: str):
+    def __init__(self, folder: Path, app: str, model: str, mirror: "KeyValue | None" = None):
         self.folder = folder
         self.path = folder / f"{app}--{model}.json"
+        self.key = f"rollout/{app}--{model}"
+        self.mirror = mirror  # Ray's GCS key-value store when running in Ray (rayllm.GcsKeyValue)
         self._lead_fd: int | None = None
         self.problem: str | None = None  # why the state file cannot be read, for the summary
         self._reported: tuple | None = None  # the corrupt file's (size, mtime) that was logged
 
     def load(self) -> RolloutState | None:
-        """The stored state; None when there is none or it cannot be read (see `problem`)."""
+        """The stored state (the newer of the GCS copy and the file); None when there is none or
+        it cannot be read (see `problem`)."""
+        mirrored = self._load_mirror()
         try:
             raw = self.path.read_text()
             state = RolloutState.model_validate_json(raw)
         except FileNotFoundError:
             self._resolved()
-            return None
+            return mirrored
         except (OSError, ValueError) as e:  # ValueError: bad JSON or a pydantic ValidationError
+            if mirrored is not None:  # the GCS copy is whole: the next save rewrites the file
+                return mirrored
             self._corrupt(e)
             return None
         self._resolved()
-        return state
+        return mirrored if mirrored is not None and mirrored.revision > state.revision else state
+
+    def _load_mirror(self) -> RolloutState | None:
+        if self.mirror is None:
+            return None
+        raw = self.mirror.get(self.key)
+        if raw is None:
+            return None
+        try:
+            return RolloutState.model_validate_json(raw)
+        except ValueError as e:
+            log.error("rollout state %s in Ray's key-value store cannot be read (%s); using the file", self.key, e)
+            return None
 
     def _corrupt(self, error: Exception) -> None:
         first = str(error).splitlines()[0]
@@ -138,7 +167,11 @@ class StateStore:
             os.close(fd)
 
     def save(self, state: RolloutState) -> None:
-        """Atomic and durable: a crash or power loss leaves the old state or the new, whole."""
+        """Atomic and durable: a crash or power loss leaves the old state or the new, whole. The
+        GCS copy first: it is the one every node sees."""
+        state.revision += 1
+        if self.mirror is not None:
+            self.mirror.put(self.key, state.model_dump_json())
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as f:

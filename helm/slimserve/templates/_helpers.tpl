@@ -75,39 +75,164 @@ as in serve/config/ingress.py) plus 30 s for Serve and Ray to shut down after it
 {{- end -}}
 
 {{/*
-Worker pods needed by the variants. Every engine replica is one tensor-parallel group of
-tensor_parallel_size ranks (gpu: gpu_share of a GPU per rank, 1 when unset; cpu: num_cpus_per_worker
-CPUs per rank) that must fit inside one pod. Groups of one size are packed floor(capacity / size) to a pod; sizes
-are not mixed, which over-counts a little at worst and never strands a group.
+Every engine replica group of the variants, as JSON {"engines": [{model, variant, tp, size, replicas, shareSet}]}
+(replicas: with autoscaling, the variant's max_replicas, its own or the model's).
+An engine replica is one tensor-parallel group of tensor_parallel_size ranks (gpu: gpu_share of a
+GPU per rank, 1 when unset; cpu: num_cpus_per_worker CPUs per rank); `size` is the GPUs or CPUs
+of one group, which must fit inside one pod.
 */}}
-{{- define "slimserve.workerCount" -}}
+{{- define "slimserve.engines" -}}
 {{- $gpu := eq .Values.accelerator "gpu" -}}
-{{- $capacity := ternary (float64 .Values.workers.gpus) (float64 .Values.workers.cpus) $gpu -}}
-{{- $unit := ternary "GPUs" "CPUs" $gpu -}}
-{{- $capacityKey := ternary "workers.gpus" "workers.cpus" $gpu -}}
-{{- $groups := dict -}}
+{{- $engines := list -}}
 {{- range $m := .Values.slimserve.models -}}
 {{- $modelTp := dig "engine" "tensor_parallel_size" 1 $m -}}
 {{- $modelShare := dig "engine" "gpu_share" 1 $m | default 1 -}}
-{{- $replicas := dig "deployment" "replicas" 1 $m -}}
+{{- $modelReplicas := dig "deployment" "autoscaling" "max_replicas" (dig "deployment" "replicas" 1 $m) $m -}}
 {{- $cpusPerRank := dig "deployment" "num_cpus_per_worker" 1 $m -}}
 {{- range $v := $m.variants -}}
 {{- $tp := dig "engine" "tensor_parallel_size" $modelTp $v -}}
 {{- $share := dig "engine" "gpu_share" $modelShare $v | default 1 -}}
 {{- $size := ternary (mulf $tp $share) (mulf $tp $cpusPerRank) $gpu -}}
-{{- if gt $size $capacity -}}
-{{- fail (printf "model %s, variant %s: tensor_parallel_size %v needs %v %s inside one worker pod, but %s is %v. Raise %s or lower tensor_parallel_size (a tensor-parallel group never spans pods)." $m.name $v.name $tp $size $unit $capacityKey $capacity $capacityKey) -}}
-{{- end -}}
-{{- $key := toString $size -}}
-{{- $_ := set $groups $key (add (get $groups $key | default 0) $replicas) -}}
+{{- $shareSet := not (kindIs "invalid" (dig "engine" "gpu_share" (dig "engine" "gpu_share" nil $m) $v)) -}}
+{{- $replicas := dig "autoscaling" "max_replicas" $modelReplicas $v -}}
+{{- $engines = append $engines (dict "model" $m.name "variant" $v.name "tp" $tp "size" $size "replicas" $replicas "shareSet" $shareSet) -}}
 {{- end -}}
 {{- end -}}
-{{- $workers := 0 -}}
+{{- dict "engines" $engines | toJson -}}
+{{- end -}}
+
+{{/*
+Pods of `capacity` GPUs (cpu: CPUs) that hold every engine replica of the variants. Groups of one
+size are packed floor(capacity / size) to a pod; sizes are not mixed, which over-counts a little
+at worst and never strands a group. Fails naming a variant whose group fits no such pod.
+Arguments: dict "root" . "capacity" N "capacityKey" "the values key N comes from".
+*/}}
+{{- define "slimserve.podsFor" -}}
+{{- $gpu := eq .root.Values.accelerator "gpu" -}}
+{{- $capacity := float64 .capacity -}}
+{{- $unit := ternary "GPUs" "CPUs" $gpu -}}
+{{- $groups := dict -}}
+{{- range $e := (include "slimserve.engines" .root | fromJson).engines -}}
+{{- if gt (float64 $e.size) $capacity -}}
+{{- fail (printf "model %s, variant %s: tensor_parallel_size %v needs %v %s inside one worker pod, but %s is %v. Raise %s or lower tensor_parallel_size (a tensor-parallel group never spans pods)." $e.model $e.variant $e.tp $e.size $unit $.capacityKey $capacity $.capacityKey) -}}
+{{- end -}}
+{{- $key := toString $e.size -}}
+{{- $_ := set $groups $key (add (get $groups $key | default 0) $e.replicas) -}}
+{{- end -}}
+{{- $pods := 0 -}}
 {{- range $key, $count := $groups -}}
 {{- $perPod := floor (divf $capacity (float64 $key)) -}}
-{{- $workers = add $workers (ceil (divf $count $perPod)) -}}
+{{- $pods = add $pods (ceil (divf $count $perPod)) -}}
 {{- end -}}
-{{- $workers -}}
+{{- $pods -}}
+{{- end -}}
+
+{{/* Worker pods of the one `workers` group needed by the variants (see slimserve.podsFor). */}}
+{{- define "slimserve.workerCount" -}}
+{{- $gpu := eq .Values.accelerator "gpu" -}}
+{{- $capacity := ternary .Values.workers.gpus .Values.workers.cpus $gpu -}}
+{{- include "slimserve.podsFor" (dict "root" . "capacity" $capacity "capacityKey" (ternary "workers.gpus" "workers.cpus" $gpu)) -}}
+{{- end -}}
+
+{{/*
+The worker groups of the RayCluster, as JSON {"groups": [{name, replicas, minReplicas,
+maxReplicas, gpus, cpus, memory, rayStartParams, nodeSelector, tolerations, affinity}]}.
+
+Without `workerGroups`: one group from `workers`, its pods computed from the variants unless
+workers.replicas is set. With `workerGroups`: one group per entry, each taking `workers`' pod
+settings for the keys it leaves out (never its counts); every engine must fit the largest pod,
+and the groups together (at maxReplicas with autoscaling, else at replicas) must hold the GPUs
+(cpu: CPUs) of every engine.
+
+Counts: autoscaling off: replicas = minReplicas = maxReplicas (a group of `workerGroups` must set
+replicas). Autoscaling on: minReplicas (default 0) and maxReplicas (required) bound the group and
+KubeRay's autoscaler moves it between them; replicas is the count to start with (`workers`: the
+computed count, a group: its minReplicas) and must lie between them. On GPU, every one-GPU engine
+then needs an explicit engine.gpu_share: the automatic plan is made against the GPUs up when the
+application deploys, which a growing cluster does not have yet.
+*/}}
+{{- define "slimserve.workerGroups" -}}
+{{- $gpu := eq .Values.accelerator "gpu" -}}
+{{- $auto := .Values.autoscaling.enabled -}}
+{{- $base := omit .Values.workers "replicas" "minReplicas" "maxReplicas" -}}
+{{- $unit := ternary "gpus" "cpus" $gpu -}}
+{{- $groups := list -}}
+{{- if and $auto $gpu -}}
+{{- range $e := (include "slimserve.engines" . | fromJson).engines -}}
+{{- if and (eq (int $e.tp) 1) (not $e.shareSet) -}}
+{{- fail (printf "autoscaling.enabled: model %s, variant %s has no engine.gpu_share. slimserve plans GPU shares against the GPUs up when the application deploys, and a cluster the autoscaler is still growing has too few: engines would split GPUs or fail to start. Set gpu_share (1: a whole GPU per engine) on the model or the variant." $e.model $e.variant) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.workerGroups -}}
+{{- $names := dict -}}
+{{- $largest := 0 -}}
+{{- $held := 0.0 -}}
+{{- range $i, $entry := .Values.workerGroups -}}
+{{- $where := printf "workerGroups[%d] (%s)" $i $entry.name -}}
+{{- if hasKey $names $entry.name -}}
+{{- fail (printf "%s: the group name %s is used twice" $where $entry.name) -}}
+{{- end -}}
+{{- $_ := set $names $entry.name true -}}
+{{- $g := deepCopy $base -}}
+{{- range $k, $v := $entry -}}
+{{- $_ := set $g $k $v -}}
+{{- end -}}
+{{- if $auto -}}
+{{- if kindIs "invalid" $g.maxReplicas -}}
+{{- fail (printf "%s: set maxReplicas, the most pods KubeRay's autoscaler may start in this group (autoscaling.enabled is true)" $where) -}}
+{{- end -}}
+{{- $_ := set $g "minReplicas" ($g.minReplicas | default 0) -}}
+{{- $_ := set $g "replicas" (kindIs "invalid" $g.replicas | ternary $g.minReplicas $g.replicas) -}}
+{{- else -}}
+{{- if kindIs "invalid" $g.replicas -}}
+{{- fail (printf "%s: set replicas, the group's worker pods (or turn on autoscaling.enabled and set maxReplicas)" $where) -}}
+{{- end -}}
+{{- $_ := set $g "minReplicas" $g.replicas -}}
+{{- $_ := set $g "maxReplicas" $g.replicas -}}
+{{- end -}}
+{{- $capacity := int (get $g $unit) -}}
+{{- if gt $capacity $largest -}}
+{{- $largest = $capacity -}}
+{{- end -}}
+{{- $held = addf $held (mulf $capacity $g.maxReplicas) -}}
+{{- $groups = append $groups $g -}}
+{{- end -}}
+{{- $_ := include "slimserve.podsFor" (dict "root" . "capacity" $largest "capacityKey" (printf "the largest workerGroups[].%s" $unit)) -}}
+{{- $needed := 0.0 -}}
+{{- range $e := (include "slimserve.engines" . | fromJson).engines -}}
+{{- $needed = addf $needed (mulf $e.size $e.replicas) -}}
+{{- end -}}
+{{- if gt $needed $held -}}
+{{- fail (printf "workerGroups: the variants' engine replicas need %v %s in all, but the groups hold %v at most (%s x %s). Add pods or groups." $needed (ternary "GPUs" "CPUs" $gpu) $held (ternary "maxReplicas" "replicas" $auto) $unit) -}}
+{{- end -}}
+{{- else -}}
+{{- $g := deepCopy $base -}}
+{{- $_ := set $g "name" (ternary "gpu-workers" "cpu-workers" $gpu) -}}
+{{- $count := .Values.workers.replicas | default (include "slimserve.workerCount" . | int) | int -}}
+{{- if $auto -}}
+{{- $max := .Values.workers.maxReplicas -}}
+{{- if kindIs "invalid" $max -}}
+{{- fail "workers.maxReplicas: set the most worker pods KubeRay's autoscaler may start (autoscaling.enabled is true)" -}}
+{{- end -}}
+{{- if gt $count (int $max) -}}
+{{- fail (printf "workers.maxReplicas is %v, but the variants' engine replicas need %d worker pods (or workers.replicas is %d). Raise workers.maxReplicas." $max $count $count) -}}
+{{- end -}}
+{{- $_ := set $g "minReplicas" (.Values.workers.minReplicas | default 0) -}}
+{{- $_ := set $g "maxReplicas" $max -}}
+{{- else -}}
+{{- $_ := set $g "minReplicas" $count -}}
+{{- $_ := set $g "maxReplicas" $count -}}
+{{- end -}}
+{{- $_ := set $g "replicas" $count -}}
+{{- $groups = append $groups $g -}}
+{{- end -}}
+{{- range $g := $groups -}}
+{{- if or (gt (int $g.minReplicas) (int $g.replicas)) (gt (int $g.replicas) (int $g.maxReplicas)) -}}
+{{- fail (printf "worker group %s: minReplicas %v <= replicas %v <= maxReplicas %v does not hold" $g.name $g.minReplicas $g.replicas $g.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- dict "groups" $groups | toJson -}}
 {{- end -}}
 
 {{/* Environment of every Ray pod. */}}
@@ -177,12 +302,12 @@ are not mixed, which over-counts a little at worst and never strands a group.
 {{- end }}
 {{- end -}}
 
-{{/* Requests = limits of a worker pod; GPUs only for accelerator gpu. */}}
+{{/* Requests = limits of a worker pod of group `group`; GPUs only for accelerator gpu. */}}
 {{- define "slimserve.workerResources" -}}
-cpu: {{ .Values.workers.cpus | quote }}
-memory: {{ .Values.workers.memory }}
-{{- if eq .Values.accelerator "gpu" }}
-nvidia.com/gpu: {{ .Values.workers.gpus | quote }}
+cpu: {{ .group.cpus | int | quote }}
+memory: {{ .group.memory }}
+{{- if .gpu }}
+nvidia.com/gpu: {{ .group.gpus | int | quote }}
 {{- end }}
 {{- end -}}
 

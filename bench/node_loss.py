@@ -1,0 +1,144 @@
+"""A Ray node lost under load, measured on a real two-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`): two variants of one public name, one engine on each node, the
+ingress on the head; closed-loop clients ask the public name without pause; the worker node is
+removed. Measured: requests that failed beyond those in flight on the lost node, and the longest
+time without any answer on the public name while the head's variant was up.
+
+    SLIMSERVE_TEST_RUN=x HF_HUB_OFFLINE=1 .venv/bin/python bench/node_loss.py [--clients 2] [--after-s 20]
+
+tests/test_node_loss.py runs `measure` and holds it to the targets (issue 25: no request lost beyond
+those in flight; at most 5 s without an answer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+APP = "nodeloss2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+
+
+def _nodes_of(prefix: str) -> set[str]:
+    import ray
+
+    return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"].startswith(prefix)}
+
+
+def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
+    import httpx
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from slimserve.serve.app import build_app
+
+    # The head holds one engine (1 CPU) and the ingress (0 CPUs); the second engine can only go
+    # to the worker, added once the first is placed.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = _free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        config = {
+            "cache_dir": str(work / "artifacts"),
+            "models": [{"name": "smollm2", "source": "default", "engine": {"max_model_len": 512},
+                        "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}]}],
+            "ingress": {"health_probe_interval_s": 2},
+        }
+        serve.run_many([serve.RunTarget(build_app(config), name=APP, route_prefix="/")],
+                       wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+        head = ray.get_runtime_context().get_node_id()
+        _wait(lambda: len(_nodes_of(f"ServeReplica:{APP}:SlimServer")) == 1, 180, "one engine replica on the head")
+        worker = cluster.add_node(num_cpus=1)
+        _wait(lambda: serve.status().applications[APP].status == "RUNNING", 420, "both engines running")
+        on_worker = [a["ActorClassName"] for a in ray._private.state.actors().values()
+                     if a["State"] == "ALIVE" and a["ActorClassName"].startswith(f"ServeReplica:{APP}:SlimServer")
+                     and a["Address"]["NodeID"] == worker.node_id]
+        body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+        # Both variants answer before the node goes (the clients see the split).
+        _wait(lambda: {httpx.post(f"{url}/v1/completions", json=body, timeout=60).headers.get("x-slimserve-variant")
+                       for _ in range(8)} == {"a", "b"}, 60, "both variants answering")
+
+        outcomes: list[tuple[float, float, int, str | None, str | None]] = []  # start, end, status, variant, retry-after
+        stop = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=120) as c:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    try:
+                        r = c.post(f"{url}/v1/completions", json=body)
+                        outcomes.append((t0, time.monotonic(), r.status_code, r.headers.get("x-slimserve-variant"),
+                                         r.headers.get("retry-after")))
+                    except httpx.HTTPError as e:
+                        outcomes.append((t0, time.monotonic(), 0, None, type(e).__name__))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        removed_at = time.monotonic()
+        cluster.remove_node(worker)
+        time.sleep(after_s)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        worker_variant = next(v for v in ("a", "b") if any(name.endswith(f"--{v}") for name in on_worker))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+    in_flight = [o for o in outcomes if o[0] < removed_at < o[1]]
+    after = [o for o in outcomes if o[0] >= removed_at]
+    answered = sorted(o[1] for o in outcomes if o[2] == 200 and o[1] >= removed_at)
+    edges = [removed_at, *answered]
+    gap = max((b - a for a, b in zip(edges, edges[1:])), default=after_s)
+    return {
+        "clients": clients, "after_s": after_s, "worker_variant": worker_variant,
+        "requests_after_removal": len(after),
+        "in_flight_at_removal": len(in_flight),
+        "in_flight_failed": [o[2] for o in in_flight if o[2] != 200],
+        "failed_after_removal": [o[2] for o in after if o[2] != 200],
+        "served_after_by": sorted({o[3] for o in after if o[2] == 200}),
+        "longest_without_answer_s": round(gap, 2),
+        "first_answer_after_s": round(answered[0] - removed_at, 2) if answered else None,
+        "retry_after_of_failures": sorted({o[4] for o in outcomes if o[2] not in (0, 200) and o[1] > removed_at} - {None}),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--after-s", type=float, default=20.0)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="node-loss-") as work:
+        print(json.dumps(measure(Path(work), a.clients, a.after_s), indent=2))
+
+
+if __name__ == "__main__":
+    main()
