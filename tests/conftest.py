@@ -71,6 +71,15 @@ def own_processes(pattern: str, marker: str | None = None) -> dict[int, str]:
     return found
 
 
+def leftovers_after(pattern: str, timeout_s: float = 60, marker: str | None = None) -> dict[int, str]:
+    """This run's processes matching `pattern` still alive after waiting up to `timeout_s` for them
+    to end (a stopped Ray cluster's raylets, workers and engines take a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := own_processes(pattern, marker)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from conftest import RUN_MARKER_ENV, free_port, own_processes, wait_for
+from conftest import RUN_MARKER_ENV, free_port, leftovers_after, wait_for
 from slimserve.serve.config.file import ConfigError, load_config
 
 
@@ -462,7 +462,4 @@ def test_load_on_one_variant_scales_it_onto_the_second_node_and_back_without_a_f
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    deadline = time.monotonic() + 60
-    while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert left == {}
+    assert leftovers_after(LEFTOVER, 60) == {}

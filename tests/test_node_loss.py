@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import RUN_MARKER_ENV, free_port, own_processes, wait_for
+from conftest import RUN_MARKER_ENV, free_port, leftovers_after, wait_for
 
 pytestmark = pytest.mark.standalone
 
@@ -118,10 +118,7 @@ def test_requests_on_a_lost_node_get_503_with_retry_after_or_an_sse_error_event(
         ray.shutdown()
         cluster.shutdown()
     # Nothing of either node is left (raylets, workers, engines would hold cores).
-    deadline = time.monotonic() + 60
-    while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert left == {}
+    assert leftovers_after(LEFTOVER, 60) == {}
 
 
 def test_a_lost_node_costs_only_its_requests_in_flight_and_seconds_of_answers(tmp_path, monkeypatch):
@@ -143,7 +140,4 @@ def test_a_lost_node_costs_only_its_requests_in_flight_and_seconds_of_answers(tm
     assert set(r["in_flight_failed"]) <= {503} and len(r["in_flight_failed"]) <= r["in_flight_at_removal"], r
     assert r["served_after_by"] == [{"a": "b", "b": "a"}[r["worker_variant"]]], r
     assert r["longest_without_answer_s"] <= 5.0, r
-    deadline = time.monotonic() + 60
-    while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert left == {}
+    assert leftovers_after(LEFTOVER, 60) == {}

@@ -24,7 +24,14 @@ def test_none_serves_the_base_checkpoint(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing cached for the baseline
 
 
-def test_w8a8_builds_an_int8_checkpoint_then_hits_the_cache(tmp_path):
+@pytest.fixture(scope="module")
+def w8a8_cache(tmp_path_factory):
+    """One cache for this module's w8a8 tests: a build of SmolLM2 takes minutes here."""
+    return tmp_path_factory.mktemp("w8a8-cache")
+
+
+def test_w8a8_builds_an_int8_checkpoint_then_hits_the_cache(w8a8_cache):
+    tmp_path = w8a8_cache
     first = optimize("default", {"method": "w8a8"}, tmp_path)
     assert first.cache_hit is False
     qc = json.loads((first.path / "config.json").read_text())["quantization_config"]
@@ -52,10 +59,13 @@ def test_w8a8_builds_an_int8_checkpoint_then_hits_the_cache(tmp_path):
     assert weights.stat().st_size == json.loads((third.path / MANIFEST).read_text())["files"]["model.safetensors"]["size"]
 
 
-def test_optimize_cli_prints_a_table(tmp_path):
+def test_optimize_cli_prints_a_table(tmp_path, w8a8_cache):
+    # The artifact of the test above (built here if this test runs alone): the table of a cache hit
+    # shows what its manifest recorded of the build.
+    optimize("default", {"method": "w8a8"}, w8a8_cache)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"cache_dir: {tmp_path / 'cache'}\n"
+        f"cache_dir: {w8a8_cache}\n"
         "models:\n  - name: smollm2\n    variants:\n      - {name: baseline}\n      - {name: int8, optimization: w8a8}\n"
     )
     r = subprocess.run(
@@ -66,7 +76,7 @@ def test_optimize_cli_prints_a_table(tmp_path):
     header, row = r.stdout.strip().splitlines()
     assert header.split() == ["variant", "method", "cache", "seconds", "MB", "size", "ppl_base", "ppl", "ppl_ratio", "checkpoint"]
     cols = row.split()
-    assert cols[:3] == ["smollm2/int8", "w8a8", "built"]
+    assert cols[:3] == ["smollm2/int8", "w8a8", "hit"]
     assert 0.4 < float(cols[5].rstrip("x")) < 0.75  # int8 linears, bf16 embeddings
     base_ppl, ppl, ratio = map(float, cols[6:9])
     assert 5 < base_ppl < 200 and abs(ratio - ppl / base_ppl) < 0.01

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import RUN_MARKER_ENV, free_port, own_processes, wait_for
+from conftest import RUN_MARKER_ENV, free_port, leftovers_after, wait_for
 from slimserve.serve.rollout.owner import RolloutOwner, RolloutReport
 from slimserve.serve.rollout.state import RolloutState, StateStore
 
@@ -209,7 +209,4 @@ def test_two_ingress_replicas_on_two_nodes_feed_one_owner(tmp_path, monkeypatch)
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-    deadline = time.monotonic() + 30
-    while (left := own_processes(LEFTOVER)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert left == {}
+    assert leftovers_after(LEFTOVER, 30) == {}

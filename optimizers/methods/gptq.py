@@ -9,12 +9,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from slimserve.optimizers.calibration import Calibration
-from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
-from slimserve.optimizers.registry import Optimization, RunsOn, register
+from slimserve.optimizers.methods.quantize import WNA16, WeightOnlyKernels
+from slimserve.optimizers.registry import Optimization, register
 
 
 @register
-class GPTQ(Optimization):
+class GPTQ(WeightOnlyKernels, Optimization):
     """GPTQ weight quantization; the checkpoint runs in vLLM's W4A16 / WNA16 kernels."""
 
     method: Literal["gptq"] = "gptq"
@@ -30,12 +30,6 @@ class GPTQ(Optimization):
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
     runs_on = WNA16  # narrowed by bits and group_size (platforms)
     version = 1
-
-    def platforms(self) -> RunsOn:
-        return weight_only_runs_on(self.bits, self.group_size)
-
-    def engine_env(self, device: str) -> dict[str, str]:
-        return weight_only_engine_env(self.bits, device)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import GPTQModifier

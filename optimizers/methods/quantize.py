@@ -27,6 +27,18 @@ def weight_only_engine_env(bits: int, device: str) -> dict[str, str]:
     return dict(W4A16_CUDA_ENV) if bits == 4 and device == "cuda" else {}
 
 
+class WeightOnlyKernels:
+    """Mixin of the methods whose checkpoint is compressed-tensors weight-only (W4A16 / W8A16:
+    rtn, gptq, qat, qlora): where it runs and the engine environment it runs fastest with follow
+    from `bits` and `group_size`."""
+
+    def platforms(self) -> RunsOn:
+        return weight_only_runs_on(self.bits, self.group_size)
+
+    def engine_env(self, device: str) -> dict[str, str]:
+        return weight_only_engine_env(self.bits, device)
+
+
 def weight_only_runs_on(bits: int, group_size: int | None) -> RunsOn:
     """Where a W`bits`A16 checkpoint (per channel when `group_size` is None) runs."""
     return WNA16 if bits == 4 and group_size else WNA16_GPU_ONLY

@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
-from slimserve.optimizers.registry import Optimization, RunsOn, register
+from slimserve.optimizers.methods.quantize import WNA16, WeightOnlyKernels
+from slimserve.optimizers.registry import Optimization, register
 
 
 @register
-class RTN(Optimization):
+class RTN(WeightOnlyKernels, Optimization):
     """Round-to-nearest weight quantization (min-max scales), data-free."""
 
     method: Literal["rtn"] = "rtn"
@@ -32,12 +32,6 @@ class RTN(Optimization):
         if isinstance(data, dict) and data.get("bits") == 4 and "group_size" not in data:
             data = {**data, "group_size": 128}
         return data
-
-    def platforms(self) -> RunsOn:
-        return weight_only_runs_on(self.bits, self.group_size)
-
-    def engine_env(self, device: str) -> dict[str, str]:
-        return weight_only_engine_env(self.bits, device)
 
     def run(self, base: Path, out: Path) -> dict[str, Any]:
         from llmcompressor.modifiers.quantization import QuantizationModifier

@@ -22,11 +22,11 @@ from pydantic import Field
 from slimserve.optimizers.calibration import Calibration
 from slimserve.optimizers.training.kd_trainer import DistillArgs
 from slimserve.optimizers.quality import HeldOut
-from slimserve.optimizers.methods.quantize import WNA16, weight_only_engine_env, weight_only_runs_on
-from slimserve.optimizers.registry import Optimization, RunsOn, register
+from slimserve.optimizers.methods.quantize import WNA16, WeightOnlyKernels
+from slimserve.optimizers.registry import Optimization, register
 
 
-class TrainedQuantization(Optimization):
+class TrainedQuantization(WeightOnlyKernels, Optimization):
     """What the methods that train through the quantizer share (`qat`, `qlora`): the served
     scheme, the training run and the held-out text of the manifest. Not a method itself."""
 
@@ -46,12 +46,6 @@ class TrainedQuantization(Optimization):
     )
     libraries = ("torchao", "llmcompressor", "compressed-tensors", "transformers", "torch")
     runs_on = WNA16  # the checkpoint `rtn` writes; narrowed by bits (platforms)
-
-    def platforms(self) -> RunsOn:
-        return weight_only_runs_on(self.bits, self.group_size)
-
-    def engine_env(self, device: str) -> dict[str, str]:
-        return weight_only_engine_env(self.bits, device)
 
     def input_digest(self) -> str | None:
         """Content hash of the training text (it goes into the artifact's cache key)."""
