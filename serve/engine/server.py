@@ -34,7 +34,9 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
 
     async def start(self):
         self.spec = OnLoadSpec.model_validate(llm_config_of(self).callback_config.callback_kwargs)
-        self.timings: dict[str, float] = {}
+        # Wall-clock start and ready moments too: engines on different nodes (or GPUs) start side
+        # by side, and only absolute times show it (tests/test_rollout_owner.py compares them).
+        self.timings: dict[str, float] = {"started_at": round(time.time(), 3)}
         t0 = time.monotonic()
         slots = os.environ.get(SLOTS_ENV)
         if slots:  # several replicas of a CPU engine: this one's own cores
@@ -81,6 +83,7 @@ class SlimServer(FirstChunkAtOnce, LLMServer):
     def _started(self, t0: float) -> None:
         # Replica start (or retry) to engine ready: on-load step + lock wait + engine start.
         self.timings["start_seconds"] = round(time.monotonic() - t0, 3)
+        self.timings["ready_at"] = round(time.time(), 3)
         prep = self._prepared()
         if prep:
             cache = {True: "hit", False: "miss"}.get(prep.cache_hit, "none")
