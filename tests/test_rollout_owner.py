@@ -163,12 +163,15 @@ def test_two_ingress_replicas_on_two_nodes_feed_one_owner(tmp_path, monkeypatch)
         head = ray.get_runtime_context().get_node_id()
         assert actor_nodes(f"ServeReplica:{APP}:SlimserveIngress") == {head, worker.node_id}
         assert actor_nodes(f"ServeReplica:{APP}:SlimServer") == {head, worker.node_id}
-        # The two nodes started their engines side by side (no node waits for another's start).
-        engines = [d for d in serve.status().applications[APP].deployments if d.startswith("SlimServer")]
-        async def timings(deployment: str) -> dict:  # handles are called from an event loop in this Serve mode
-            return (await serve.get_deployment_handle(deployment, APP).slimserve_info.remote())["timings"]
+        # The two nodes started their engines side by side: their records (the admin route's
+        # copy of each engine's slimserve_info) say when each start began and ended.
+        def engine_spans() -> list[dict]:
+            variants = httpx.get(f"{url}/slimserve/variants", headers={"authorization": "Bearer admin-key"},
+                                 timeout=10).json()["variants"]
+            return [(v.get("engine") or {}).get("timings", {}) for v in variants.values()]
 
-        spans = [asyncio.run(timings(d)) for d in engines]
+        wait_for(lambda: all("ready_at" in s for s in engine_spans()), 60, "both engines' records at the ingress")
+        spans = engine_spans()
         assert len(spans) == 2 and max(s["started_at"] for s in spans) < min(s["ready_at"] for s in spans), spans
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
