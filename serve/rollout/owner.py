@@ -11,6 +11,7 @@ all of the app's traffic, whatever the number of ingress replicas and nodes."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ class RolloutOwner:
         self.candidate_up: dict[str, bool | None] = {m: None for m in self.controllers}
         self.received = {m: 0 for m in self.controllers}  # observations taken in, per model (tests, log)
         self.dropped = 0
+        self._ticked: dict[str, float] = {}  # model -> monotonic time of its last tick
         for c in self.controllers.values():
             self._tick(c)  # read (or start) the stored state now: the first report routes by it
 
@@ -92,8 +94,17 @@ class RolloutOwner:
             if model in self.candidate_up and up is not None:
                 self.candidate_up[model] = up
         for c in self.controllers.values():
-            self._tick(c)
+            self._tick_when_due(c)
         return self._views()
+
+    def _tick_when_due(self, c: RolloutController) -> None:
+        """A tick reads the stored state and may decide: at the rollout's own cadence, not once per
+        report (N ingress replicas report about once a second each; decisions come every
+        evaluate_every_s anyway, and this owner is the state's only writer)."""
+        now = time.monotonic()
+        if now - self._ticked.get(c.model, -float("inf")) >= c.settings.evaluate_every_s:
+            self._ticked[c.model] = now
+            self._tick(c)
 
     def _tick(self, c: RolloutController) -> None:
         try:
@@ -124,4 +135,4 @@ class RolloutOwner:
         """Serve's health check; also a decision clock while no ingress replica reports (a
         candidate that went quiet is still judged; each controller decides at its own cadence)."""
         for c in self.controllers.values():
-            self._tick(c)
+            self._tick_when_due(c)
