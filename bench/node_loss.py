@@ -94,8 +94,8 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
                         r = c.post(f"{url}/v1/completions", json=body)
                         outcomes.append((t0, time.monotonic(), r.status_code, r.headers.get("x-slimserve-variant"),
                                          r.headers.get("retry-after")))
-                    except httpx.HTTPError as e:
-                        outcomes.append((t0, time.monotonic(), 0, None, type(e).__name__))
+                    except httpx.HTTPError as e:  # no HTTP answer at all: status 0, the error named
+                        outcomes.append((t0, time.monotonic(), 0, None, f"{type(e).__name__}: {e}"))
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for t in threads:
@@ -104,6 +104,7 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         removed_at = time.monotonic()
         cluster.remove_node(worker)
         time.sleep(after_s)
+        window_end = time.monotonic()
         stop.set()
         for t in threads:
             t.join(120)
@@ -115,8 +116,8 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
 
     in_flight = [o for o in outcomes if o[0] < removed_at < o[1]]
     after = [o for o in outcomes if o[0] >= removed_at]
-    answered = sorted(o[1] for o in outcomes if o[2] == 200 and o[1] >= removed_at)
-    edges = [removed_at, *answered]
+    answered = sorted(o[1] for o in outcomes if o[2] == 200 and removed_at <= o[1] <= window_end)
+    edges = [removed_at, *answered, window_end]  # silence up to the window's end counts too
     gap = max((b - a for a, b in zip(edges, edges[1:])), default=after_s)
     return {
         "clients": clients, "after_s": after_s, "worker_variant": worker_variant,
@@ -124,10 +125,12 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         "in_flight_at_removal": len(in_flight),
         "in_flight_failed": [o[2] for o in in_flight if o[2] != 200],
         "failed_after_removal": [o[2] for o in after if o[2] != 200],
+        "transport_errors": [(round(o[0] - removed_at, 2), round(o[1] - removed_at, 2), o[4]) for o in outcomes if o[2] == 0],
         "served_after_by": sorted({o[3] for o in after if o[2] == 200}),
         "longest_without_answer_s": round(gap, 2),
         "first_answer_after_s": round(answered[0] - removed_at, 2) if answered else None,
         "retry_after_of_failures": sorted({o[4] for o in outcomes if o[2] not in (0, 200) and o[1] > removed_at} - {None}),
+        "failures_after_removal": [(round(o[0] - removed_at, 2), o[2], o[3]) for o in outcomes if o[2] != 200 and o[1] > removed_at],
     }
 
 

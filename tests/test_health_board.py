@@ -79,3 +79,24 @@ def test_a_variant_that_is_down_stays_down_and_looks_are_bounded():
     health, looks = asyncio.run(scenario())
     assert health.state is State.LOADING
     assert 1 <= looks <= 2, looks  # 20 concurrent requests share the looks
+
+
+def test_requests_waiting_on_a_variant_learn_when_it_goes_down_and_a_fresh_wait_once_it_is_back():
+    """`went_down` is what the ingress waits on beside a request's first byte (ingress._unless_down)."""
+
+    async def scenario():
+        controller = SlowController(delay_s=0)
+        controller.status = "HEALTHY"
+        board = HealthBoard({"m--a": EngineHandle()}, "app", controller)
+        await board.refresh()
+        assert board.state_of("m--a").state is State.READY
+        waiting = board.went_down("m--a")
+        assert not waiting.is_set()
+        board.mark_lost("m--a", RuntimeError("node died"))
+        assert waiting.is_set() and board.went_down("m--a").is_set()  # a request routed now learns at once
+        await asyncio.sleep(0.01)
+        await board.refresh()  # asked after the loss: an engine answers again
+        assert board.state_of("m--a").state is State.READY
+        assert not board.went_down("m--a").is_set()
+
+    asyncio.run(scenario())

@@ -76,9 +76,11 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
     config = main_config(
         session_cache, ingress={"admin_keys_env": ADMIN_ENV},
         probe={"sample": 1.0, "tokens": 4},
-        rollout={"candidate": "int8", "steps": [25, 50, 100], **FAST,
+        rollout={"candidate": "int8", "steps": [50, 75, 100], **FAST,
                  # W8A8 on a 2-core CPU is not faster than bf16, and CPU latency is noisy: the test
-                 # is about the steps, not a latency verdict.
+                 # is about the steps, not a latency verdict. A loose significance shows the
+                 # guardrails met on fewer requests (the statistics are bench/rollout_sim.py's).
+                 "significance": 0.3,
                  "guardrails": {"min_agreement": 0.5, "max_ttft_p95_ratio": 5, "max_e2e_p95_ratio": 5}},
     )
     deploy_and_wait(config, MAIN_APP)
@@ -86,11 +88,11 @@ def test_a_w8a8_candidate_is_promoted_step_by_step(main_app, session_cache):
         # Client keys do not open the admin routes; no key neither.
         assert httpx.get(f"{main_app}/slimserve/rollout/smollm2", timeout=30).status_code == 401
         first = rollout(main_app)
-        assert first["status"] == "running" and first["candidate_percent"] == 25
+        assert first["status"] == "running" and first["candidate_percent"] == 50
         with SteadyLoad(main_app) as load:
             final = wait_for(lambda: (s := rollout(main_app))["status"] == "promoted" and s, 300, "promoted")
         assert [h["action"] for h in final["history"]][-3:] == ["advance", "advance", "promote"]
-        assert [h["percent"] for h in final["history"]][-3:] == [50, 100, 100]
+        assert [h["percent"] for h in final["history"]][-3:] == [75, 100, 100]
         assert all("live agreement" in h["reason"] for h in final["history"][-3:]), final["history"]
         assert load.results and all(code == 200 for _, code, _ in load.results), load.results
         # Promoted: every request for the public name goes to int8; /v1/models says so.

@@ -173,6 +173,9 @@ def test_two_ingress_replicas_on_two_nodes_feed_one_owner(tmp_path, monkeypatch)
         wait_for(lambda: all("ready_at" in s for s in engine_spans()), 60, "both engines' records at the ingress")
         spans = engine_spans()
         assert len(spans) == 2 and max(s["started_at"] for s in spans) < min(s["ready_at"] for s in spans), spans
+        first, last = min(s["started_at"] for s in spans), max(s["ready_at"] for s in spans)
+        print(f"\nengine starts on two nodes: {[round(s['ready_at'] - s['started_at'], 1) for s in spans]} s each, "
+              f"{last - first:.1f} s for both, overlapping {min(s['ready_at'] for s in spans) - max(s['started_at'] for s in spans):.1f} s")
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         seen: collections.Counter = collections.Counter()

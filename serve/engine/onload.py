@@ -16,7 +16,7 @@ from slimserve.serve.rayllm import CallbackBase, engine_start_timeout_s
 from slimserve.serve.config.retry import transient
 from slimserve.serve.config.start_budget import misfit
 from slimserve.serve.engine.cache_volume import check_volume
-from slimserve.serve.engine.start_lock import EngineStartLock
+from slimserve.serve.engine.start_lock import EngineStartLock, engine_gpus
 
 log = logging.getLogger("slimserve.onload")
 
@@ -44,11 +44,18 @@ class OptimizeOnLoad(CallbackBase):
             raise
 
     async def on_after_node_init(self) -> None:
-        """Right before Ray Serve LLM creates the engine: on GPU hosts, wait for the node's
-        engine-start lock (the build ran without it; SlimServer.start releases it)."""
+        """Right before Ray Serve LLM creates the engine: on GPU hosts, wait for the engine-start
+        locks of the GPUs the engine will hold (the build ran without them; SlimServer.start
+        releases them)."""
         if self.spec.accelerator == "gpu":
             lock = self.ctx.custom_data.setdefault("slimserve_start_lock", EngineStartLock(self.spec.who))
-            await lock.acquire(self.ctx.custom_data.setdefault("slimserve_timings", {}))
+            try:
+                gpus = await engine_gpus()
+            except Exception as e:  # Ray could not say: the whole node, as if there were no group
+                log.warning("%s: could not read which GPUs the engine gets (%s: %s); locking the node's engine starts",
+                            self.spec.who, type(e).__name__, e)
+                gpus = None
+            await lock.acquire(self.ctx.custom_data.setdefault("slimserve_timings", {}), gpus)
 
     async def _prepare(self) -> None:
         spec = self.spec

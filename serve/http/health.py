@@ -108,6 +108,9 @@ class HealthBoard:
         # again (Serve's status still says healthy for a while after a node goes).
         self._lost: dict[str, tuple[str, float]] = {}  # model id -> (why, when)
         self._replicas: dict[str, dict] = {}  # model id -> Serve's replica count per state, last look
+        # Set when the variant stops being available: requests still waiting for its first byte
+        # go elsewhere (ingress._unless_down) rather than wait in Serve's queue for a restart.
+        self._down: dict[str, asyncio.Event] = {}
         self._last_refresh = -float("inf")
         self._refreshing: asyncio.Task | None = None
         # The first serve.status() in a process connects to the controller (seconds, partly under
@@ -123,6 +126,20 @@ class HealthBoard:
     def state_of(self, model_id: str) -> VariantHealth:
         return self.states[model_id]
 
+    def went_down(self, model_id: str) -> asyncio.Event:
+        """An event set once this variant is no longer available (set already if it is not)."""
+        event = self._down.get(model_id)
+        if event is None or (event.is_set() and self.states[model_id].available):
+            event = self._down[model_id] = asyncio.Event()
+        if not self.states[model_id].available:
+            event.set()
+        return event
+
+    def _set(self, model_id: str, health: VariantHealth) -> None:
+        self.states[model_id] = health
+        if not health.available and model_id in self._down:
+            self._down[model_id].set()
+
     def mark_lost(self, model_id: str, error: BaseException) -> None:
         """A request to this variant lost its replica (its node went, its actor died): route
         around it at once, until a probe gets an answer from one of its engines again — rather
@@ -132,7 +149,7 @@ class HealthBoard:
         if model_id not in self._lost:
             log.warning("%s: %s", model_id, why)
         self._lost[model_id] = (why, time.monotonic())
-        self.states[model_id] = VariantHealth(State.UNHEALTHY, why, engine=self.states[model_id].engine)
+        self._set(model_id, VariantHealth(State.UNHEALTHY, why, engine=self.states[model_id].engine))
 
     async def refresh(self, wait_s: float | None = None) -> None:
         """Bring every state up to date; concurrent callers share one refresh. With `wait_s`,
@@ -182,7 +199,7 @@ class HealthBoard:
                 health.since = old.since
             if health.engine is None:
                 health.engine = old.engine
-            self.states[model_id] = health
+            self._set(model_id, health)
 
     async def _deployment_states(self) -> dict[str, VariantHealth] | None:
         try:

@@ -9,6 +9,7 @@ which are up) -> the variant's engine deployment (Ray Serve LLM) -> the answer, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -47,6 +48,10 @@ UNKNOWN_MODEL = "unknown"
 GAUGE_REFRESH_S = 5.0
 # /v1/models waits at most this long for news of variants not ready yet.
 LISTING_WAIT_S = 1.0
+
+
+class VariantWentDown(Exception):
+    """The variant a request waited on stopped being available before its first byte."""
 
 
 class SlimserveIngress(IngressSeams, OpenAiIngress):
@@ -153,7 +158,7 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
         asked = requested if requested is not None else target.model
         self._in_flight[id(body)] = (timer, (target.model_id, asked) if asked != target.model_id else None)
         try:
-            response = await handler(body, request)
+            response = await self._unless_down(handler(body, request), target)
         except BackPressureError as e:
             # The variant's queue is full: shed the request with a time to come back, rather
             # than queue without bound (Ray Serve would answer 503 without a body we control).
@@ -164,8 +169,9 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
         except (OpenAIHTTPException, HTTPException) as e:
             timer.finish(str(e.status_code))
             raise
-        except telemetry.REPLICA_LOST as e:
-            self._health.mark_lost(target.model_id, e)
+        except (*telemetry.REPLICA_LOST, VariantWentDown) as e:
+            if not isinstance(e, VariantWentDown):
+                self._health.mark_lost(target.model_id, e)
             if rerouted or not self._another_is_up(requested, request, target):
                 return self._replica_lost(e, target, timer)
             # Nothing reached the client yet: once more, on a variant that is up.
@@ -187,6 +193,27 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
         else:
             timer.finish(str(response.status_code))
         return response
+
+    async def _unless_down(self, answer, target: Target):
+        """The handler's response (which Ray Serve LLM returns once the first chunk is there), or
+        VariantWentDown if the variant stops being available first: a request sent to a replica
+        Serve has not yet replaced (a lost node) waits in Serve's queue for the restart, minutes
+        on a GPU; nothing has reached the client, so it can still go elsewhere."""
+        task = asyncio.ensure_future(answer)
+        down = asyncio.ensure_future(self._health.went_down(target.model_id).wait())
+        try:
+            await asyncio.wait({task, down}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the client went away: so does its request
+            task.cancel()
+            raise
+        finally:
+            down.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()  # Serve takes a cancelled request out of its queue
+        with contextlib.suppress(BaseException):
+            await task
+        raise VariantWentDown(self._health.state_of(target.model_id).describe())
 
     def _client_error(self, e: Exception, target: Target, timer, request: Request) -> OpenAIHTTPException:
         """Ray Serve LLM's mapping decides the status (a client error stays a 4xx), but for a 5xx
