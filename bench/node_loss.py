@@ -47,7 +47,39 @@ def _nodes_of(prefix: str) -> set[str]:
             if a["State"] == "ALIVE" and a["ActorClassName"].startswith(prefix)}
 
 
-def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
+def _forced_in_flight(url: str, variant: str, result: dict, streaming: threading.Event) -> list[threading.Thread]:
+    """Two requests that chose the worker's variant (`x-slimserve-variant`), running on it when
+    the node goes: a non-streamed one (may not be rerouted: its answer is kept as it comes) and
+    a stream (its 200 already sent: its events are kept). 256 tokens take seconds on CPU."""
+    import httpx
+
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 256, "ignore_eos": True, "temperature": 0}
+    headers = {"x-slimserve-variant": variant}
+
+    def plain() -> None:
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+        result["plain"] = {"status": r.status_code, "headers": dict(r.headers), "body": r.text}
+
+    def stream() -> None:
+        events = result.setdefault("stream_events", [])
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, headers=headers,
+                          timeout=120) as r:
+            result["stream_status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    streaming.set()
+
+    threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)  # the non-streamed request reaches the engine first
+    return threads
+
+
+def measure(work: Path, clients: int = 2, after_s: float = 20.0, forced: bool = False) -> dict:
+    """`forced`: also two requests forced to the worker's variant, in flight at the loss (their
+    answers under "forced"; not counted with the public name's)."""
     import httpx
     import ray
     from ray import serve
@@ -78,6 +110,7 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         on_worker = [a["ActorClassName"] for a in ray._private.state.actors().values()
                      if a["State"] == "ALIVE" and a["ActorClassName"].startswith(f"ServeReplica:{APP}:SlimServer")
                      and a["Address"]["NodeID"] == worker.node_id]
+        worker_variant = next(v for v in ("a", "b") if any(name.endswith(f"--{v}") for name in on_worker))
         body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         # Both variants answer before the node goes (the clients see the split).
         _wait(lambda: {httpx.post(f"{url}/v1/completions", json=body, timeout=60).headers.get("x-slimserve-variant")
@@ -101,6 +134,12 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         for t in threads:
             t.start()
         time.sleep(5)
+        forced_result: dict = {}
+        if forced:
+            streaming = threading.Event()
+            threads += _forced_in_flight(url, worker_variant, forced_result, streaming)
+            if not streaming.wait(120):
+                raise TimeoutError("the forced stream sent no token")
         removed_at = time.monotonic()
         cluster.remove_node(worker)
         time.sleep(after_s)
@@ -108,7 +147,6 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         stop.set()
         for t in threads:
             t.join(120)
-        worker_variant = next(v for v in ("a", "b") if any(name.endswith(f"--{v}") for name in on_worker))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -131,6 +169,7 @@ def measure(work: Path, clients: int = 2, after_s: float = 20.0) -> dict:
         "first_answer_after_s": round(answered[0] - removed_at, 2) if answered else None,
         "retry_after_of_failures": sorted({o[4] for o in outcomes if o[2] not in (0, 200) and o[1] > removed_at} - {None}),
         "failures_after_removal": [(round(o[0] - removed_at, 2), o[2], o[3]) for o in outcomes if o[2] != 200 and o[1] > removed_at],
+        **({"forced": forced_result} if forced else {}),
     }
 
 

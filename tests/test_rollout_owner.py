@@ -149,7 +149,10 @@ def test_two_ingress_replicas_on_two_nodes_feed_one_owner(tmp_path, monkeypatch)
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         config = {
-            "cache_dir": str(tmp_path / "artifacts"),
+            # Node-local caches: no volume check, and the owner's state must not need the cache
+            # folder (on one machine the two nodes' folders are one; the owner is restarted below
+            # with the state file deleted, which is what another node's own cache looks like).
+            "cache_dir": str(tmp_path / "artifacts"), "cache_volume": "node_local",
             "models": [{"name": "smollm2", "source": "default", "engine": {"max_model_len": 512},
                         "variants": [{"name": "base", "weight": 1}, {"name": "cand", "weight": 1}],
                         # Long minimums: the step holds while the test counts.

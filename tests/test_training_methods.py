@@ -15,26 +15,27 @@ from slimserve.optimizers.build.pipeline import QualityGateFailed, optimize
 # Training, the optimizer child process and a vLLM engine: minutes on CPU (not in `make test-fast`).
 pytestmark = pytest.mark.heavy
 
+STEPS = 8  # a CPU-sized run: minutes of the suite's budget per 4 steps
 HELD_OUT = {"held_out": {"text": "fortunes", "windows": 4, "seq_len": 128}}
 QAT = {
     "method": "qat", "bits": 4,
-    # A CPU-sized run: 12 steps of 4 x 128 tokens, KD from the unquantized model only.
-    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 2e-5, "alpha": 1.0, "temperature": 1.0},
+    # KD from the unquantized model only, 4 x 128 tokens a step.
+    "train": {"steps": STEPS, "seq_len": 128, "batch_size": 4, "lr": 2e-5, "alpha": 1.0, "temperature": 1.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
 GRADUAL = {
     "method": "gradual_prune", "mlp_keep": 0.5, "start": 0.0, "end": 0.75, "every": 1,
-    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
+    "train": {"steps": STEPS, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
 QLORA = {
     "method": "qlora", "bits": 4, "rank": 8,
-    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 1e-3, "alpha": 1.0, "temperature": 1.0},
+    "train": {"steps": STEPS, "seq_len": 128, "batch_size": 4, "lr": 1e-3, "alpha": 1.0, "temperature": 1.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
 GRADUAL_24 = {
     "method": "gradual_sparse", "pattern": "2:4", "start": 0.0, "end": 0.75, "every": 1,
-    "train": {"steps": 12, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
+    "train": {"steps": STEPS, "seq_len": 128, "batch_size": 4, "lr": 3e-4, "alpha": 0.5, "temperature": 2.0},
     "eval": {"text": "fortunes", "windows": 4, "seq_len": 128},
 }
 SPECS = {"qat": QAT, "gradual": GRADUAL, "qlora": QLORA, "gradual24": GRADUAL_24}
@@ -54,7 +55,7 @@ def test_qat_trains_through_the_quantizer_and_exports_what_it_trained(built):
     qat = built["qat"]
     report = qat.manifest.report
     assert report.scheme == "W4A16" and report.group_size == 64  # SmolLM2's 576 takes 64
-    assert report.training["steps_run"] == 12 and report.training["tokens"] == 12 * 4 * 128
+    assert report.training["steps_run"] == STEPS and report.training["tokens"] == STEPS * 4 * 128
     # Before training the fake-quantized model is what round-to-nearest gives; training lowers it.
     assert report.perplexity_fake_quant_after < report.perplexity_fake_quant_before, report
     # The exported int4 weights are the ones training saw through torchao's fake quantizer.
@@ -71,7 +72,7 @@ def test_gradual_pruning_follows_its_schedule_to_a_smaller_dense_model(built):
     assert report.intermediate_size == [1536, 768]
     kept = [k for _, k in report.schedule]
     assert kept == sorted(kept, reverse=True) and kept[-1] == 768 and len(kept) >= 5, report.schedule
-    assert report.schedule[-1][0] <= 0.75 * 12  # the last quarter trains the final shape
+    assert report.schedule[-1][0] <= 0.75 * STEPS  # the last quarter trains the final shape
     # Cutting out the masked channels changes nothing the model computes.
     assert report.perplexity_after == pytest.approx(report.perplexity_masked_before_cut, rel=1e-3)
     assert report.parameters[1] < 0.75 * report.parameters[0]
@@ -90,7 +91,7 @@ def test_qlora_trains_adapters_through_the_quantizer_and_serves_them_merged(buil
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     per_layer = 2 * (h + h) + 2 * (h + kv) + 3 * (h + i)
     assert report.adapter_parameters == 8 * per_layer * config["num_hidden_layers"]
-    assert report.training["steps_run"] == 12
+    assert report.training["steps_run"] == STEPS
     # Before training the model is round-to-nearest's (B = 0); the adapters, seen through the
     # quantizer, lower its perplexity.
     assert report.perplexity_fake_quant_after < report.perplexity_fake_quant_before, report
@@ -111,11 +112,11 @@ def test_gradual_sparsity_grows_to_2_4_and_saves_it_dense(built):
     report = r.manifest.report
     shares = [share for _, share in report.schedule]
     assert shares == sorted(shares) and shares[-1] == 0.5 and len(shares) >= 5, report.schedule
-    assert report.schedule[-1][0] <= 0.75 * 12  # the last quarter trains the final mask
+    assert report.schedule[-1][0] <= 0.75 * STEPS  # the last quarter trains the final mask
     # As saved: half of every decoder projection zero, exactly the 2:4 pattern, dense on disk.
     assert report.weight_sparsity == pytest.approx(0.5, abs=1e-3) and report.is_2_4 is True
     assert report.dense_on_disk is True and report.serving_effect.startswith("none:")
-    assert report.training["steps_run"] == 12
+    assert report.training["steps_run"] == STEPS
     from safetensors import safe_open
 
     with safe_open(str(next(r.path.glob("*.safetensors"))), "pt") as st:
