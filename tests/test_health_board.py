@@ -100,3 +100,43 @@ def test_requests_waiting_on_a_variant_learn_when_it_goes_down_and_a_fresh_wait_
         assert not board.went_down("m--a").is_set()
 
     asyncio.run(scenario())
+
+
+class ReplicaController:
+    """serve.status() with the replica counts Serve reports per state."""
+
+    def __init__(self):
+        self.replicas: dict = {}
+
+    def __call__(self):
+        dep = SimpleNamespace(status="HEALTHY", message="", replica_states=dict(self.replicas))
+        return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"SlimServer:m--a": dep})})
+
+
+def test_a_variant_whose_running_replica_went_is_down_until_one_runs_again_but_waking_from_zero_is_not():
+    """Serve noticed the loss before any request did: it reports the deployment healthy with a
+    replica starting and none running. Requests sent then would wait for that replica."""
+
+    async def scenario():
+        controller = ReplicaController()
+        board = HealthBoard({"m--a": EngineHandle()}, "app", controller)
+
+        async def state_after(replicas: dict) -> State:
+            controller.replicas = replicas
+            await board.refresh()
+            return board.state_of("m--a").state
+
+        assert await state_after({"RUNNING": 1}) is State.READY
+        waiting = board.went_down("m--a")
+        assert await state_after({"STARTING": 1}) is State.UNHEALTHY and waiting.is_set()
+        assert "Serve is starting another" in board.state_of("m--a").describe()
+        assert await state_after({"STARTING": 1}) is State.UNHEALTHY  # until one runs
+        assert await state_after({"RUNNING": 1}) is State.READY
+        assert not board.went_down("m--a").is_set()
+        # Scaled to zero, then a request wakes it: it waits for the replica it started.
+        assert await state_after({}) is State.IDLE
+        assert await state_after({"STARTING": 1}) is State.READY
+        # Scaling up beside a running replica is no loss either.
+        assert await state_after({"RUNNING": 1, "STARTING": 1}) is State.READY
+
+    asyncio.run(scenario())

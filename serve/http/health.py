@@ -42,6 +42,10 @@ class State(str, Enum):
     UNHEALTHY = "unhealthy"  # Serve's health checks fail
 
 
+# States in which a request waiting for the variant's answer will not get one soon.
+DOWN = (State.UNHEALTHY, State.FAILED)
+
+
 @dataclass
 class VariantHealth:
     state: State = State.LOADING
@@ -111,6 +115,7 @@ class HealthBoard:
         # Set when the variant stops being available: requests still waiting for its first byte
         # go elsewhere (ingress._unless_down) rather than wait in Serve's queue for a restart.
         self._down: dict[str, asyncio.Event] = {}
+        self._restarting: set[str] = set()  # model ids whose running replicas went (see _restart_seen)
         self._last_refresh = -float("inf")
         self._refreshing: asyncio.Task | None = None
         # The first serve.status() in a process connects to the controller (seconds, partly under
@@ -127,17 +132,19 @@ class HealthBoard:
         return self.states[model_id]
 
     def went_down(self, model_id: str) -> asyncio.Event:
-        """An event set once this variant is no longer available (set already if it is not)."""
+        """An event set once this variant is down — lost, failed, failing its health checks —
+        (set already if it is). Not when it is being updated: Serve's old replicas answer then."""
         event = self._down.get(model_id)
-        if event is None or (event.is_set() and self.states[model_id].available):
+        down = self.states[model_id].state in DOWN
+        if event is None or (event.is_set() and not down):
             event = self._down[model_id] = asyncio.Event()
-        if not self.states[model_id].available:
+        if down:
             event.set()
         return event
 
     def _set(self, model_id: str, health: VariantHealth) -> None:
         self.states[model_id] = health
-        if not health.available and model_id in self._down:
+        if health.state in DOWN and model_id in self._down:
             self._down[model_id].set()
 
     def mark_lost(self, model_id: str, error: BaseException) -> None:
@@ -215,10 +222,25 @@ class HealthBoard:
             dep = app.deployments.get(getattr(handle, "deployment_name", None))
             if dep is not None:
                 states = getattr(dep, "replica_states", None)
+                health = from_deployment_status(dep.status, dep.message or "", states)
                 if states is not None:
+                    health = self._restart_seen(model_id, health, self._replicas.get(model_id), dict(states))
                     self._replicas[model_id] = dict(states)
-                out[model_id] = from_deployment_status(dep.status, dep.message or "", states)
+                out[model_id] = health
         return out
+
+    def _restart_seen(self, model_id: str, health: VariantHealth, before: dict | None, now: dict) -> VariantHealth:
+        """Serve up at its target, yet none of its replicas runs and one starts: after running
+        replicas (not waking from zero), they went — a lost node, a crash — and Serve starts
+        another. Requests sent now would wait in Serve's queue for it (minutes on a GPU): down
+        until one runs. (A redeploy shows as `loading`: Serve's old replicas answer meanwhile.)"""
+        if health.state is not State.READY or _count(now, *_SERVING) or not _count(now, "STARTING"):
+            self._restarting.discard(model_id)
+            return health
+        if model_id in self._restarting or (before is not None and _count(before, *_SERVING)):
+            self._restarting.add(model_id)
+            return VariantHealth(State.UNHEALTHY, "its replica is gone; Serve is starting another")
+        return health
 
     async def _probe(self, model_id: str, serve_view: VariantHealth | None) -> VariantHealth:
         """Serve's view — which includes the replicas' own health checks — then, for a deployment

@@ -196,9 +196,10 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
 
     async def _unless_down(self, answer, target: Target):
         """The handler's response (which Ray Serve LLM returns once the first chunk is there), or
-        VariantWentDown if the variant stops being available first: a request sent to a replica
-        Serve has not yet replaced (a lost node) waits in Serve's queue for the restart, minutes
-        on a GPU; nothing has reached the client, so it can still go elsewhere."""
+        VariantWentDown if the variant is marked down first (`HealthBoard.went_down`: a request
+        lost its replica, or Serve restarts it): a request sent to a replica Serve has not yet
+        replaced (a lost node) waits in Serve's queue for the restart, minutes on a GPU; nothing
+        has reached the client, so it can still go elsewhere."""
         task = asyncio.ensure_future(answer)
         down = asyncio.ensure_future(self._health.went_down(target.model_id).wait())
         try:
