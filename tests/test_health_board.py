@@ -140,3 +140,39 @@ def test_a_variant_whose_running_replica_went_is_down_until_one_runs_again_but_w
         assert await state_after({"RUNNING": 1, "STARTING": 1}) is State.READY
 
     asyncio.run(scenario())
+
+
+def test_a_request_waiting_for_a_variant_that_goes_down_is_cancelled_and_the_ingress_told():
+    """The ingress's wait beside a request (SlimserveIngress._unless_down, on a stand-in for the
+    ingress holding a real board): the request that Serve would keep queued is cancelled."""
+    import pytest
+
+    from slimserve.serve.http.ingress import SlimserveIngress, VariantWentDown
+
+    async def scenario():
+        controller = SlowController(delay_s=0)
+        controller.status = "HEALTHY"
+        board = HealthBoard({"m--a": EngineHandle()}, "app", controller)
+        await board.refresh()
+        host, target = SimpleNamespace(_health=board), SimpleNamespace(model_id="m--a")
+
+        async def answered():
+            return "answer"
+        assert await SlimserveIngress._unless_down(host, answered(), target) == "answer"
+
+        cancelled = asyncio.Event()
+
+        async def queued():  # in Serve's queue for a replica that is not coming
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        waiting = asyncio.create_task(SlimserveIngress._unless_down(host, queued(), target))
+        await asyncio.sleep(0.05)
+        board.mark_lost("m--a", RuntimeError("node died"))
+        with pytest.raises(VariantWentDown, match="unhealthy: lost a replica"):
+            await waiting
+        assert cancelled.is_set()
+
+    asyncio.run(scenario())

@@ -9,7 +9,6 @@ which are up) -> the variant's engine deployment (Ray Serve LLM) -> the answer, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -212,8 +211,13 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
         if task.done():
             return task.result()
         task.cancel()  # Serve takes a cancelled request out of its queue
-        with contextlib.suppress(BaseException):
+        try:
             await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # this request itself was cancelled meanwhile
+                raise
+        except Exception:
+            pass
         raise VariantWentDown(self._health.state_of(target.model_id).describe())
 
     def _client_error(self, e: Exception, target: Target, timer, request: Request) -> OpenAIHTTPException:
