@@ -50,6 +50,7 @@ def test_engines_on_other_gpus_start_together_and_engines_sharing_one_wait(tmp_p
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     monkeypatch.setenv(RUN_MARKER_ENV, uuid.uuid4().hex)
+    ray.shutdown()  # an earlier test's local instance, if any: this test's driver joins its own cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 2, "resources": {"head": 1},
                                                                "include_dashboard": False})
     cluster.add_node(num_cpus=1, num_gpus=1, resources={"worker": 1})
