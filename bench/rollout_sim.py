@@ -9,9 +9,11 @@ code (--before: read with `git show HEAD:...` into a temporary module, not kept 
 Traffic: Poisson arrivals; e2e latency lognormal (median 0.5 s, sigma 0.5), half the requests
 streamed with TTFT lognormal (median 0.1 s, sigma 0.5); 1 % server errors on both variants;
 live probes of 2 % of the requests. A regression scales the candidate's latency (p95 x r),
-its error rate, or its agreement. Sticky: 300 users of Zipf-like activity, each with a latency
-factor (lognormal sigma 0.4) and always the same variant (a user is the candidate's while its
-uniform draw is under the step's share, as weighted rendezvous hashing gives)."""
+its error rate, or its agreement. Users: 300 users of Zipf-like activity, each with a latency
+factor (lognormal sigma 0.4); their requests are split per request (rollout.sticky false, the
+default) or each user always gets the same variant (rollout.sticky true: a user is the
+candidate's while its uniform draw is under the step's share, as weighted rendezvous hashing
+gives). A step rolls back when inconclusive after 3x its minimum (inconclusive_after)."""
 
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ class Scenario:
     latency_x: float = 1.0
     error_rate: float = BASE_ERRORS
     agreement: float = 0.98
-    sticky: bool = False
-    users: int = 300  # sticky: how many users (at the first step, 5 %, about 1 in 20 are the candidate's)
+    users: int = 0  # 0: every request its own; else how many users (each with a latency factor)
+    sticky: bool = False  # rollout.sticky: a user always gets one variant (at 5 %, about 1 in 20 users are the candidate's)
 
 
 SCENARIOS = [
@@ -57,13 +59,15 @@ SCENARIOS = [
     Scenario("error rate 8 %", "bad", error_rate=0.08),
     Scenario("agreement 0.7", "bad", agreement=0.7),
     Scenario("marginal p95 x1.6", "marginal", latency_x=1.6),
-    Scenario("A/A, sticky users", "same", sticky=True),
-    Scenario("p95 x2, sticky users", "bad", latency_x=2.0, sticky=True),
+    Scenario("A/A, 300 users", "same", users=300),
+    Scenario("p95 x2, 300 users", "bad", latency_x=2.0, users=300),
+    Scenario("A/A, 300 sticky users (rollout.sticky)", "same", users=300, sticky=True),
+    Scenario("p95 x2, 300 sticky users (rollout.sticky)", "bad", latency_x=2.0, users=300, sticky=True),
 ]
 
 
-def settings() -> RolloutSettings:
-    return RolloutSettings(candidate="cand", guardrails={"min_agreement": 0.8})
+def settings(sc: Scenario | None = None) -> RolloutSettings:
+    return RolloutSettings(candidate="cand", guardrails={"min_agreement": 0.8}, sticky=bool(sc and sc.sticky))
 
 
 def planned_s(s: RolloutSettings, rate: float) -> float:
@@ -106,7 +110,7 @@ class Traffic:
 
     def __init__(self, sc: Scenario, rate: float, rng: np.random.Generator):
         self.sc, self.rate, self.rng = sc, rate, rng
-        if sc.sticky:
+        if sc.users:
             activity = 1 / np.arange(1, sc.users + 1) ** 0.8
             self.p_user = activity / activity.sum()
             self.u_user = rng.random(sc.users)
@@ -117,9 +121,10 @@ class Traffic:
         rng, sc, k = self.rng, self.sc, self.CHUNK
         sizes = rng.poisson(self.rate * TICK_S, k)
         n = int(sizes.sum())
-        if sc.sticky:
+        if sc.users:
             users = rng.choice(sc.users, n, p=self.p_user)
-            u, factor, clusters = self.u_user[users], self.lat_user[users], users % new.CLUSTERS
+            u = self.u_user[users] if sc.sticky else rng.random(n)
+            factor, clusters = self.lat_user[users], users % new.CLUSTERS
         else:
             u, factor, clusters = rng.random(n), np.ones(n), rng.integers(0, new.CLUSTERS, n)
         e2e = rng.lognormal(np.log(0.5), 0.5, n) * factor
@@ -160,12 +165,12 @@ def run_new(s: RolloutSettings, traffic: Traffic, horizon_s: float, mod=new):
         d = mod.decide(s, ev, t - started)
         mod.update_bounds(s, ev)
         if d.action == "rollback":
-            return "rollback", step, t, ev.candidate.requests
+            return "rollback", step, t, ev.candidate.requests, d.reason.startswith("inconclusive")
         if d.action == "advance":
             if step + 1 == len(s.steps):
-                return "promote", step, t, ev.candidate.requests
+                return "promote", step, t, ev.candidate.requests, False
             step, started, ev.step_requests = step + 1, t, 0
-    return "running", step, t, ev.candidate.requests
+    return "running", step, t, ev.candidate.requests, False
 
 
 def run_before(old, s: RolloutSettings, traffic: Traffic, horizon_s: float):
@@ -186,16 +191,16 @@ def run_before(old, s: RolloutSettings, traffic: Traffic, horizon_s: float):
         ev.matches += matches
         d = old.decide(s, ev, t - started)
         if d.action == "rollback":
-            return "rollback", step, t, total
+            return "rollback", step, t, total, False
         if d.action == "advance":
             if step + 1 == len(s.steps):
-                return "promote", step, t, total
+                return "promote", step, t, total, False
             step, started, ev = step + 1, t, old.StepEvidence()
-    return "running", step, t, total
+    return "running", step, t, total, False
 
 
 def simulate(sc: Scenario, rate: float, rollouts: int, before=None, seed: int = 0) -> dict:
-    s = settings()
+    s = settings(sc)
     horizon = 3 * planned_s(s, rate)
     out = []
     for i in range(rollouts):
@@ -213,6 +218,7 @@ def simulate(sc: Scenario, rate: float, rollouts: int, before=None, seed: int = 
     return {
         "scenario": sc.name, "truth": sc.truth, "rate": rate, "rollouts": rollouts,
         "rollback": len(rolled) / rollouts, "rollback_before_100": len(early) / rollouts,
+        "rollback_inconclusive": sum(r[4] for r in rolled) / rollouts,
         "promoted": len(promoted) / rollouts,
         "requests_to_rollback_median": float(np.median([r[3] for r in rolled])) if rolled else None,
         "requests_to_rollback_p90": float(np.percentile([r[3] for r in rolled], 90)) if rolled else None,
@@ -228,12 +234,12 @@ def main() -> None:
     ap.add_argument("--before", nargs="?", const="HEAD", metavar="REV",
                     help="that revision's decision code (default HEAD) instead of the working tree's")
     ap.add_argument("--json", type=Path, help="append one JSON line per scenario here")
-    ap.add_argument("--users", type=int, help="the sticky scenarios' number of users (default 300)")
+    ap.add_argument("--users", type=int, help="the user scenarios' number of users (default 300)")
     a = ap.parse_args()
     old = head_module(a.before) if a.before else None
     picked = [SCENARIOS[int(i)] for i in a.scenarios.split(",")] if a.scenarios else SCENARIOS
     if a.users:
-        picked = [replace(sc, users=a.users, name=sc.name.replace("sticky", f"{a.users} sticky")) if sc.sticky else sc
+        picked = [replace(sc, users=a.users, name=sc.name.replace("300", str(a.users))) if sc.users else sc
                   for sc in picked]
     for rate in map(float, a.rates.split(",")):
         for sc in picked:

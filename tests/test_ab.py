@@ -168,3 +168,31 @@ def test_bad_weights_are_refused_whole(weights, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         r.set_weights({"n": {"x": 9}, **weights})  # a good part is not applied either
     assert r.weights() == before
+
+
+def test_a_rollouts_pair_is_split_per_request_and_its_users_stay_with_the_pair():
+    """rollout.sticky false (the default): a sticky user is kept on the rollout's pair as one route
+    of their summed weight, and each of its requests goes to the baseline or the candidate by
+    their weights; users of the model's other variants stay where they were while the pair's
+    inner split moves."""
+    def pair_split(base: float, cand: float) -> TrafficSplit:
+        return split(base=base, cand=cand, other=50)
+    step1, step2 = pair_split(47.5, 2.5), pair_split(25, 25)
+    pair = ("base", "cand")
+    outside = {u for u in USERS[:4000] if step1.pick(u, per_request=pair).variant == "other"}
+    assert abs(len(outside) / 4000 - 0.5) < 0.04
+    assert all(step2.pick(u, per_request=pair).variant == "other" for u in outside)
+    # A pair user's requests go to both variants, the candidate's share by weight.
+    user = next(u for u in USERS if u not in outside and step1.pick(u, per_request=pair).variant != "other")
+    seen = collections.Counter(step2.pick(user, per_request=pair).variant for _ in range(4000))
+    assert set(seen) == {"base", "cand"} and abs(seen["cand"] / 4000 - 0.5) < 0.04, seen
+    seen = collections.Counter(step1.pick(user, per_request=pair).variant for _ in range(4000))
+    assert abs(seen["cand"] / 4000 - 0.05) < 0.015, seen
+    # Without per_request, the same user always gets one variant.
+    assert len({step2.pick(user).variant for _ in range(50)}) == 1
+    # The router applies it to the model whose rollout asks for it.
+    routes = [VariantRoute(v, f"m--{v}", w) for v, w in (("base", 25), ("cand", 25))]
+    router = Router({"m": routes}, per_request={"m": pair})
+    got = {router.route("m", None, user, lambda _: True, str).variant for _ in range(200)}
+    assert got == {"base", "cand"}
+    assert len({Router({"m": routes}).route("m", None, user, lambda _: True, str).variant for _ in range(200)}) == 1

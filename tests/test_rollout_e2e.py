@@ -24,7 +24,9 @@ pytestmark = pytest.mark.e2e
 ADMIN_ENV = "SLIMSERVE_TEST_ADMIN_KEYS"
 ADMIN_KEY = os.environ[ADMIN_ENV]  # set by conftest before the cluster starts
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-FAST = {"min_requests": 4, "min_seconds": 3, "evaluate_every_s": 1}
+# Tiny steps for a CPU test: 3 x them (the default inconclusive_after) would end a step before its
+# tests could show anything, so these steps hold until shown (the fail-closed end: test_rollout.py).
+FAST = {"min_requests": 4, "min_seconds": 3, "evaluate_every_s": 1, "inconclusive_after": None}
 # The load's prompts: ones whose first 4 greedy tokens W8A8 SmolLM2 keeps (measured: on these 7 it
 # does, on others such as "Once upon a time" it does not), so the agreement guard can pass it; the
 # pruned candidate is judged on the same prompts.

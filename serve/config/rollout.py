@@ -43,10 +43,20 @@ class RolloutSettings(_Strict):
     baseline: str | None = Field(None, description="The variant it replaces; unset: the first variant.")
     steps: list[float] = Field(
         default_factory=lambda: [5, 25, 50, 100],
-        description="The candidate's percentage of the two variants' traffic at each step, rising, ending at 100. "
-        "With sticky users (the model's `sticky`, on by default) a step's evidence is about the users it puts on the "
-        "candidate: a first step that reaches only a few users' worth of traffic can hold without showing a regression "
-        "either way (the hold's reason says how many; docs/ROLLOUT_STATISTICS.md#users).",
+        description="The candidate's percentage of the two variants' traffic at each step, rising, ending at 100.",
+    )
+    sticky: bool = Field(
+        False, description="Keep each user on one of the two variants while the rollout runs (the model's `sticky`). "
+        "Off (default): the two variants' share is split per request, as a canary rollout does, so the guardrails see "
+        "the candidate on every user's traffic; users stay sticky to the pair and to the model's other variants. On: a "
+        "step's evidence is about the few users it puts on the candidate, and a first step that reaches only a few "
+        "users' worth of traffic may show neither a regression nor its absence until `inconclusive_after` ends it "
+        "(docs/ROLLOUT_STATISTICS.md#users).",
+    )
+    inconclusive_after: float | None = Field(
+        3, ge=1, description="A step that has lasted this many times `min_seconds` and seen this many times "
+        "`min_requests` candidate requests without every guardrail shown met rolls back (fail closed: the candidate "
+        "could not show it keeps them). Unset: such a step holds until an operator acts.",
     )
     min_requests: int = Field(200, ge=1, description="Candidate requests a step must see before it may advance.")
     min_seconds: float = Field(600, ge=0, description="Time a step must last before it may advance.")

@@ -59,7 +59,9 @@ class SlimserveIngress(IngressSeams, OpenAiIngress):
         self._spec = IngressSpec.model_validate(spec)
         self._api_keys = api_keys_from_env(self._spec.api_keys_env)
         self._router = Router(self._spec.splits, allow_forced=self._spec.allow_forced_variant,
-                              sticky=self._spec.sticky, shadows=self._spec.shadows)
+                              sticky=self._spec.sticky, shadows=self._spec.shadows,
+                              per_request={name: (r.baseline, r.candidate) for name, r in self._spec.rollouts.items()
+                                           if not r.sticky})
         handles = variant_handles(self)
         app_name = next(iter(handles.values())).app_name if handles else None
         self._health = HealthBoard(handles, app_name, serve.status)

@@ -27,15 +27,27 @@ class TrafficSplit:
         self._weighted = [r for r in routes if r.weight > 0]
         self._rng = rng or random.Random()
 
-    def pick(self, user: str | None = None, exclude: frozenset[str] | set[str] = frozenset()) -> VariantRoute | None:
+    def pick(self, user: str | None = None, exclude: frozenset[str] | set[str] = frozenset(),
+             per_request: tuple[str, str] | None = None) -> VariantRoute | None:
         """The variant for this request; None when every weighted variant is excluded (down).
-        Excluding a variant moves only its own users, to the others in proportion to weight."""
+        Excluding a variant moves only its own users, to the others in proportion to weight.
+        `per_request`: two variants (a rollout's baseline and candidate) that a sticky user is kept
+        on together, as one route of their summed weight, and split between per request."""
         routes = [r for r in self._weighted if r.variant not in exclude] if exclude else self._weighted
         if not routes:
             return None
         if user is None:
-            return self._rng.choices(routes, weights=[r.weight for r in routes])[0]
-        return max(routes, key=lambda r: _rendezvous_score(user, r))
+            return self._random(routes)
+        inside = [r for r in routes if per_request and r.variant in per_request]
+        if not inside:
+            return max(routes, key=lambda r: _rendezvous_score(user, r))
+        # Keyed by the pair's first name: the pair's users stay put while its inner split moves.
+        pair = replace(inside[0], variant=per_request[0], weight=sum(r.weight for r in inside))
+        best = max([r for r in routes if r.variant not in per_request] + [pair], key=lambda r: _rendezvous_score(user, r))
+        return self._random(inside) if best is pair else best
+
+    def _random(self, routes: list[VariantRoute]) -> VariantRoute:
+        return self._rng.choices(routes, weights=[r.weight for r in routes])[0]
 
 
 def _rendezvous_score(user: str, route: VariantRoute) -> float:
@@ -68,11 +80,13 @@ class Router:
     and the user to the variant that answers it, skipping variants that are not available."""
 
     def __init__(self, splits: dict[str, list[VariantRoute]], *, allow_forced: bool = True,
-                 sticky: dict[str, bool] | None = None, shadows: dict[str, str] | None = None):
+                 sticky: dict[str, bool] | None = None, shadows: dict[str, str] | None = None,
+                 per_request: dict[str, tuple[str, str]] | None = None):
         self.splits = {name: TrafficSplit(routes) for name, routes in splits.items()}
         self.by_model_id = {r.model_id: (name, r) for name, split in self.splits.items() for r in split.routes.values()}
         self.allow_forced = allow_forced
         self.sticky = sticky or {}
+        self.per_request = per_request or {}  # a rollout's (baseline, candidate), split per request (rollout.sticky false)
         self.shadows = shadows or {}
 
     def set_weights(self, weights: dict[str, dict[str, float]]) -> None:
@@ -137,7 +151,8 @@ class Router:
                                  "invalid_request_error")
             return self._target(model, route, available, why_not, split)
         down = {r.variant for r in split.routes.values() if not available(r.model_id)}
-        route = split.pick(user if self.sticky.get(model, True) else None, exclude=down)
+        route = split.pick(user if self.sticky.get(model, True) else None, exclude=down,
+                           per_request=self.per_request.get(model))
         if route is None:
             why = "; ".join(f"{r.variant}: {why_not(r.model_id)}" for r in split.routes.values() if r.weight > 0)
             raise RouteError(503, f"no variant of `{model}` is available ({why})", "ServiceUnavailable")

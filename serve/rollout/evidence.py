@@ -225,7 +225,8 @@ class _Check:
 
 def decide(settings: RolloutSettings, ev: RolloutEvidence, elapsed_s: float) -> Decision:
     """A guardrail breach shown by its test rolls back; otherwise the step advances once it is
-    long and large enough and every guardrail is shown to be met; otherwise it holds."""
+    long and large enough and every guardrail is shown to be met; otherwise it holds, until
+    `inconclusive_after` times the step's minimum, when it rolls back."""
     g, alpha, share = settings.guardrails, settings.significance, budget(settings)
     if ev.unavailable_s >= g.max_unavailable_s:
         return Decision("rollback", f"candidate unavailable for {ev.unavailable_s:.0f} s (guardrail {g.max_unavailable_s:g} s)")
@@ -244,6 +245,12 @@ def decide(settings: RolloutSettings, ev: RolloutEvidence, elapsed_s: float) -> 
         return Decision("hold", f"step needs {settings.min_requests} candidate requests and {settings.min_seconds:g} s "
                                 f"(has {ev.step_requests}, {elapsed_s:.0f} s)")
     unmet = [c for c in checks if not c.met]
+    k = settings.inconclusive_after
+    if unmet and k is not None and ev.step_requests >= k * settings.min_requests and elapsed_s >= k * settings.min_seconds:
+        # Fail closed: a candidate that cannot show it keeps its guardrails is not given the traffic.
+        return Decision("rollback", f"inconclusive: after {elapsed_s:.0f} s and {ev.step_requests} candidate requests "
+                        f"(inconclusive_after: {k:g} x the step's minimum) not every guardrail is shown met: "
+                        + "; ".join(c.text() for c in unmet))
     if unmet:
         return Decision("hold", lambda: "; ".join(c.text() for c in unmet))
     why = f"{ev.step_requests} candidate requests this step; " + "; ".join(c.text() for c in checks)
