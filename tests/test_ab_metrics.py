@@ -305,19 +305,23 @@ def test_new_weights_reach_the_live_ingress_without_replacing_anything(main_app,
     """Weights are the ingress's user_config: a change reaches the running ingress replica
     (SlimserveIngress.reconfigure); no process is replaced, no stream is cut."""
     pids, ingress_pid = engine_pids(main_app), ingress_info()["pid"]
-    results: list[tuple[int, str]] = []
+    results: list[tuple[int, str, dict | None, str | None]] = []
     streaming = [threading.Event() for _ in range(4)]
 
     def stream_one(i: int):
         body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True, "stream": True,
-                "temperature": 0}
+                "temperature": 0, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{main_app}/v1/completions", json=body, timeout=300) as r:
-            parts = []
+            parts, usage, finish = [], None, None
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    parts.append(json.loads(line[6:])["choices"][0]["text"])
+                    chunk = json.loads(line[6:])
+                    for choice in chunk["choices"]:  # the last chunk, usage only, has none
+                        parts.append(choice["text"])
+                        finish = choice.get("finish_reason") or finish
+                    usage = chunk.get("usage") or usage
                     streaming[i].set()
-            results.append((r.status_code, "".join(parts)))
+            results.append((r.status_code, "".join(parts), usage, finish))
 
     threads = [threading.Thread(target=stream_one, args=(i,)) for i in range(4)]
     for t in threads:
@@ -329,7 +333,9 @@ def test_new_weights_reach_the_live_ingress_without_replacing_anything(main_app,
             {"name": "baseline", "weight": 20}, {"name": "int8", "weight": 80, "optimization": {"method": "w8a8"}}])
         for t in threads:
             t.join(300)
-        assert len(results) == 4 and all(code == 200 and len(text) > 20 for code, text in results), results
+        # None cut by the change: each got all 48 tokens asked for (ignore_eos) and ended normally.
+        assert len(results) == 4 and all((code, usage["completion_tokens"], finish) == (200, 48, "length") and text.strip()
+                                         for code, text, usage, finish in results), results
         assert engine_pids(main_app) == pids
         assert ingress_info() == {"pid": ingress_pid, "weights": {"smollm2": {"baseline": 20.0, "int8": 80.0}}}
         shares = {v["variant"]: v["traffic_share"] for v in

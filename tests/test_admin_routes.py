@@ -1,6 +1,7 @@
 """The operator's admin routes hold at `/` and under a Serve route prefix, through `slimserve run`
 and through Ray's own `serve run`: every admin verb answers 401 without a key, with a wrong key
-and with a client key, and works with the admin key. Under a prefix Serve's proxy keeps the
+and with a client key, and works with the admin key (abort and promote each end a rollout in
+two of the four app starts, and the other is then refused with a 409). Under a prefix Serve's proxy keeps the
 prefix in the request's path while the router strips it: the guard once matched the raw path
 and let `/x/slimserve/...` through without a key.
 
@@ -65,8 +66,9 @@ def wait_for_admin_route(base: str, timeout_s: float = 240) -> None:
     pytest.fail(f"{base}/slimserve/rollout/tiny never answered the admin key")
 
 
-def check_admin_routes(base: str) -> None:
-    """Every admin verb with every kind of wrong credentials, then with the admin key."""
+def check_admin_routes(base: str, finish: str) -> None:
+    """Every admin verb with every kind of wrong credentials, then with the admin key: pause,
+    resume, then `finish` (abort or promote) ends the rollout and the other verb is refused."""
     verbs = [("GET", "/slimserve/rollout/tiny"), ("GET", "/slimserve/variants")] + [
         ("POST", f"/slimserve/rollout/tiny/{a}") for a in ("pause", "resume", "abort", "promote")]
     for what, headers in KEYS.items():
@@ -75,27 +77,30 @@ def check_admin_routes(base: str) -> None:
             assert r.status_code == 401, (what, method, base + path, r.status_code, r.text)
             assert r.json()["error"]["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
     # Paths the router does not match but that name the admin routes: never answered without the key.
+    # The guard refuses them before any router looks (an admin prefix anywhere in the path).
     for path in ("//slimserve/rollout/tiny", "/slimserve//rollout/tiny", "/v1/../slimserve/rollout/tiny"):
         r = httpx.get(base + path, headers=KEYS["a client key"], timeout=30)
-        assert r.status_code in (401, 404) and "history" not in r.text, (path, r.status_code, r.text)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.status_code, r.text)
 
     state = httpx.get(f"{base}/slimserve/rollout/tiny", headers=ADMIN, timeout=30).json()
     assert (state["status"], state["candidate_percent"]) == ("running", 50), state
     overview = httpx.get(f"{base}/slimserve/variants", headers=ADMIN, timeout=30).json()
     assert set(overview["variants"]) == {"tiny--base", "tiny--cand"}
     assert overview["rollouts"]["tiny"]["history"][0]["action"] == "start"
-    for action, status in (("pause", "paused"), ("resume", "running"), ("promote", "promoted")):
+    ended, other = {"abort": ("aborted", "promote"), "promote": ("promoted", "abort")}[finish]
+    for action, status in (("pause", "paused"), ("resume", "running"), (finish, ended)):
         r = httpx.post(f"{base}/slimserve/rollout/tiny/{action}", headers=ADMIN, json={"reason": f"{action} test"}, timeout=30)
         assert r.status_code == 200 and r.json()["status"] == status, (action, r.text)
-    r = httpx.post(f"{base}/slimserve/rollout/tiny/abort", headers=ADMIN, timeout=30)
-    assert r.status_code == 409 and "promoted" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/slimserve/rollout/tiny/{other}", headers=ADMIN, timeout=30)
+    assert r.status_code == 409 and r.json()["error"]["message"] == f"cannot {other} a rollout that is {ended}", r.text
+    assert httpx.get(f"{base}/slimserve/rollout/tiny", headers=ADMIN, timeout=30).json()["status"] == ended
 
     # Clients see where the rollout stands, not its history and reasons; a client key opens
     # the API and the admin key is not a client key.
     listing = httpx.get(f"{base}/v1/models", headers=KEYS["a client key"], timeout=30).json()
     rollout = listing["data"][0]["metadata"]["rollout"]
-    assert rollout["status"] == "promoted" and "history" not in rollout and "step_evidence" not in rollout, rollout
-    assert "promote test" not in str(listing)
+    assert rollout["status"] == ended and "history" not in rollout and "step_evidence" not in rollout, rollout
+    assert f"{finish} test" not in str(listing)
     assert httpx.get(f"{base}/v1/models", headers=ADMIN, timeout=30).status_code == 401
 
 
@@ -134,15 +139,18 @@ def keyed_env(monkeypatch):
     monkeypatch.setenv(ADMIN_ENV, ADMIN_KEY)
 
 
-def test_admin_routes_under_a_route_prefix_through_slimserve_run(tmp_path, keyed_env):
+# `slimserve run` serves one slimserve application: one start per route prefix.
+@pytest.mark.parametrize("prefix, finish", [("/", "abort"), ("/x", "promote")])
+def test_admin_routes_through_slimserve_run(tmp_path, keyed_env, prefix, finish):
     port = free_port()
-    run = Run(serve_config(tmp_path, port, {"prefixed": "/x"}), port=port)
+    run = Run(serve_config(tmp_path, port, {"app": prefix}), port=port)
+    base = f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
     try:
-        wait_for_admin_route(f"http://127.0.0.1:{port}/x")
-        check_admin_routes(f"http://127.0.0.1:{port}/x")
-        check_malformed_bodies(f"http://127.0.0.1:{port}/x")
-        # Nothing is served at the root: the app is only under its prefix.
-        assert httpx.get(f"http://127.0.0.1:{port}/slimserve/rollout/tiny", headers=ADMIN, timeout=30).status_code == 404
+        wait_for_admin_route(base)
+        check_admin_routes(base, finish)
+        check_malformed_bodies(base)
+        if prefix != "/":  # nothing is served at the root: the app is only under its prefix
+            assert httpx.get(f"http://127.0.0.1:{port}/slimserve/rollout/tiny", headers=ADMIN, timeout=30).status_code == 404
     finally:
         run.stop()
 
@@ -152,8 +160,8 @@ def test_admin_routes_at_the_root_and_under_a_prefix_through_serve_run(tmp_path,
     config = serve_config(tmp_path, port, {"root": "/", "prefixed": "/x"})
     run = Run(config, port=port, command=[os.path.join(os.path.dirname(os.sys.executable), "serve"), "run", config])
     try:
-        for base in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/x"):
+        for base, finish in ((f"http://127.0.0.1:{port}", "promote"), (f"http://127.0.0.1:{port}/x", "abort")):
             wait_for_admin_route(base)
-            check_admin_routes(base)
+            check_admin_routes(base, finish)
     finally:
         run.stop()

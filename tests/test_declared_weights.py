@@ -64,19 +64,23 @@ def test_a_weight_change_in_a_serve_config_reaches_the_live_ingress(serve_url, s
         assert ingress_weights() == {"smollm2": {"baseline": 1.0, "int8": 0.0}}
         pids = replica_pids()
 
-        result: list[tuple[int, str]] = []
+        result: list[tuple[int, str, dict | None, str | None]] = []
         streaming = threading.Event()
 
         def stream():
             body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 48, "ignore_eos": True,
-                    "stream": True, "temperature": 0}
+                    "stream": True, "temperature": 0, "stream_options": {"include_usage": True}}
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=300) as r:
-                parts = []
+                parts, usage, finish = [], None, None
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
-                        parts.append(json.loads(line[6:])["choices"][0]["text"])
+                        chunk = json.loads(line[6:])
+                        for choice in chunk["choices"]:  # the last chunk, usage only, has none
+                            parts.append(choice["text"])
+                            finish = choice.get("finish_reason") or finish
+                        usage = chunk.get("usage") or usage
                         streaming.set()
-                result.append((r.status_code, "".join(parts)))
+                result.append((r.status_code, "".join(parts), usage, finish))
 
         t = threading.Thread(target=stream)
         t.start()
@@ -84,7 +88,9 @@ def test_a_weight_change_in_a_serve_config_reaches_the_live_ingress(serve_url, s
         deploy_declared(serve_config(session_cache, {"baseline": 0, "int8": 1}))
         wait_for(lambda: ingress_weights() == {"smollm2": {"baseline": 0.0, "int8": 1.0}}, 120, "new weights live")
         t.join(300)
-        assert result and result[0][0] == 200 and len(result[0][1]) > 20, result
+        # Not cut by the change: all 48 tokens asked for (ignore_eos) came, and the stream ended normally.
+        [(code, text, usage, finish)] = result
+        assert (code, usage["completion_tokens"], finish) == (200, 48, "length") and text.strip(), result
         assert replica_pids() == pids  # ingress and engines: the same processes
         seen = collections.Counter(
             httpx.post(f"{base}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 1,

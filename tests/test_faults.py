@@ -66,12 +66,18 @@ def test_a_replica_killed_mid_stream(main_app):
     # The public name keeps answering: once the health probe has seen the baseline down, every
     # request goes to int8 (only ready variants get traffic).
     wait_for(lambda: variant_states(main_app)["baseline"] != "ready", 30, "the baseline seen down")
+    checked = 0
     for i in range(4):
+        down_before = variant_states(main_app)["baseline"] != "ready"
         r = httpx.post(f"{main_app}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2,
                                                            "user": f"u{i}"}, timeout=120)
         assert r.status_code == 200, r.text
-        # (Or the baseline, if it was back already.)
-        assert r.headers["x-slimserve-variant"] == "int8" or variant_states(main_app)["baseline"] == "ready"
+        if down_before and variant_states(main_app)["baseline"] != "ready":  # down all along: int8 only
+            assert r.headers["x-slimserve-variant"] == "int8", (i, r.headers)
+            checked += 1
+    # A new replica and a vLLM start take far longer than a two-token request: the first, at least,
+    # was sent while the baseline was down.
+    assert checked >= 1
     # Serve restarts the replica; forced requests succeed again.
     t0 = time.monotonic()
     while True:

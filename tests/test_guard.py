@@ -82,6 +82,10 @@ def test_is_admin_path(scope, admin):
     (b"{", "Expecting"), (b"\xff", "utf-8"), (b"[" * 100_000, "nested too deeply"),
     (b"1" * 5000, "Exceeds the limit"), (b'{"a": 1', "Expecting"), (b"NaN", "NaN is not"),
     (b'{"temperature": -Infinity}', "-Infinity is not"),
+    # Lone surrogates, escaped (valid JSON syntax): in a value, a key, deep in a list.
+    (rb'{"model": "\ud800", "prompt": "x"}', "lone surrogate (\\ud800)"),
+    (rb'{"\udfff": 1}', "lone surrogate (\\udfff)"),
+    (rb'{"messages": [{"role": "user", "content": ["ok", "a\udc00b"]}]}', "lone surrogate (\\udc00)"),
 ])
 def test_json_problem_names_every_refusal(body, why):
     assert why in json_problem(body)
@@ -89,6 +93,22 @@ def test_json_problem_names_every_refusal(body, why):
 
 def test_json_problem_accepts_json():
     assert json_problem(b'{"model": "m"}') is None and json_problem(b"[]") is None
+    # A surrogate pair is one character (U+1F600), escaped or not: text, accepted.
+    assert json_problem(rb'{"prompt": "\ud83d\ude00"}') is None
+    assert json_problem('{"prompt": "\U0001F600"}'.encode()) is None
+
+
+def test_a_lone_surrogate_is_a_400_not_a_500():
+    """The echo route quotes the body back, as an error naming an unknown model does: without
+    the guard's check its answer fails to encode (a 500)."""
+    r = get("/v1/echo", headers={"authorization": "Bearer sk-client", "content-type": "application/json"},
+            method="POST", content=rb'{"model": "\ud800", "prompt": "x"}')
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "message": "the request body is not valid JSON: a string holds a lone surrogate (\\ud800), "
+                   "which is not Unicode text",
+        "type": "invalid_request_error", "param": None, "code": 400,
+    }
 
 
 def test_deeply_nested_body_is_a_400_not_a_500():

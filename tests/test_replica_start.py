@@ -22,6 +22,7 @@ import os
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,6 +33,10 @@ from slimserve.serve.app import llm_config_for
 from slimserve.serve.config.file import load_config
 from slimserve.serve.config.retry import describe_retry
 from slimserve.serve.engine.server import SlimServer
+from slimserve.serve.handoff import VariantRoute
+from slimserve.serve.http.health import HealthBoard
+from slimserve.serve.http.model_cards import public_card
+from slimserve.serve.http.split import Router
 
 pytestmark = pytest.mark.heavy
 
@@ -128,11 +133,16 @@ def make_server(tmp_path, optimization, retry, accelerator="cpu"):
     return SlimServer.sync_init(llm_config, engine_cls=StandInEngine)
 
 
-def test_a_transient_failure_is_retried_and_then_served(tmp_path, monkeypatch, counted):
+def stand_in_builds(tmp_path, monkeypatch, source: str) -> None:
+    """Every build runs `source` instead of the optimizer (it counts its runs in tmp_path/runs)."""
     script = tmp_path / "build.py"
-    script.write_text(textwrap.dedent(BUILD))
+    script.write_text(textwrap.dedent(source))
     monkeypatch.setattr(pipeline, "_child_command",
                         lambda python, request: [sys.executable, str(script), request, str(tmp_path / "runs")])
+
+
+def test_a_transient_failure_is_retried_and_then_served(tmp_path, monkeypatch, counted):
+    stand_in_builds(tmp_path, monkeypatch, BUILD)
 
     async def scenario():
         server = make_server(tmp_path, {"method": "structured", "mlp_keep": 0.5}, {"attempts": 2, "backoff_s": 1.5})
@@ -159,6 +169,63 @@ def test_a_transient_failure_is_retried_and_then_served(tmp_path, monkeypatch, c
     assert counted.count(("slimserve_optimization_retries_total", {"model": "m", "variant": "v"})) == 1
 
 
+ALWAYS_KILLED = """
+import os, signal, sys
+from pathlib import Path
+runs = Path(sys.argv[2])
+runs.write_text(runs.read_text() + "x" if runs.exists() else "x")
+print("allocating", file=sys.stderr, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, on every run: transient each time
+"""
+
+
+async def shown_in_v1_models(server) -> dict:
+    """The variant's entry in the public card of /v1/models: the ingress's health board asks the
+    replica's `slimserve_info` (called here directly, not through Ray) and the card is built."""
+
+    class Handle:
+        deployment_name = "SlimServer:m--v"
+        slimserve_info = SimpleNamespace(remote=server.slimserve_info)
+
+    status = SimpleNamespace(applications={"app": SimpleNamespace(deployments={
+        "SlimServer:m--v": SimpleNamespace(status="HEALTHY", message="")})})
+    board = HealthBoard({"m--v": Handle()}, "app", lambda: status)
+    await board.refresh()
+    return public_card("m", Router({"m": [VariantRoute("v", "m--v", 1.0)]}), board.state_of).metadata["variants"][0]
+
+
+def test_a_failed_prepare_gives_up_after_its_retries_and_v1_models_shows_each_state(tmp_path, monkeypatch, counted):
+    stand_in_builds(tmp_path, monkeypatch, ALWAYS_KILLED)
+
+    async def scenario():
+        server = make_server(tmp_path, {"method": "structured", "mlp_keep": 0.5}, {"attempts": 2, "backoff_s": 0.5})
+        await server.start()
+        shown = await shown_in_v1_models(server)
+        assert shown["state"] == "loading" and shown["available"] is False, shown
+        reason = shown["unavailable_because"]
+        assert reason.startswith("loading: retrying (attempt 1 of 2, next in ") and "was killed by SIGKILL" in reason, reason
+        assert str(tmp_path) not in reason  # the base's path, cut for clients
+        deadline = time.monotonic() + 60
+        while (server.retry or {}).get("attempt") != 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        shown = await shown_in_v1_models(server)
+        assert shown["unavailable_because"].startswith("loading: retrying (attempt 2 of 2, "), shown
+        await asyncio.wait_for(server._retry_task, 60)  # ends: no third retry
+        assert server.retry is None and server.engine is None
+        info = await server.slimserve_info()
+        assert "retrying" not in info and info["failed"].endswith("\n(gave up after 2 of 2 retries)"), info
+        shown = await shown_in_v1_models(server)
+        assert shown["state"] == "failed" and shown["available"] is False, shown
+        assert shown["unavailable_because"] == ("failed: failed to load: OptimizationFailed: optimization structured "
+                                                "of …/base was killed by SIGKILL (out of memory?): allocating"), shown
+        await server.check_health()  # given up, the replica stays up without an engine: the others serve on
+        server._report_task.cancel()
+
+    asyncio.run(scenario())
+    assert (tmp_path / "runs").read_text() == "xxx"  # the first build and exactly 2 retries
+    assert counted.count(("slimserve_optimization_retries_total", {"model": "m", "variant": "v"})) == 2
+
+
 def test_a_deterministic_failure_is_not_retried(tmp_path, counted):
     async def scenario():
         # FP8 has no vLLM CPU kernels: that will not change on a retry.
@@ -177,10 +244,7 @@ def test_a_gpu_build_runs_without_the_engine_start_lock(tmp_path, monkeypatch, c
     lock = tmp_path / "engine-start.lock"
     monkeypatch.setattr(start_lock, "ENGINE_START_LOCK", lock)
     monkeypatch.setenv("LOCK_PROBE", str(lock))
-    script = tmp_path / "build.py"
-    script.write_text(textwrap.dedent(BUILD))
-    monkeypatch.setattr(pipeline, "_child_command",
-                        lambda python, request: [sys.executable, str(script), request, str(tmp_path / "runs")])
+    stand_in_builds(tmp_path, monkeypatch, BUILD)
     StandInEngine.lock_held_at_engine_start.clear()
 
     async def scenario():

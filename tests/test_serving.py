@@ -78,19 +78,25 @@ def test_each_variant_answers_sensibly(client, variant):
 
 
 def test_chat_and_completion_round_trips(client):
-    chat = client.chat.completions.with_raw_response.create(model="smollm2", messages=QUESTION, max_tokens=8,
-                                                            extra_body={"ignore_eos": True})
-    assert chat.headers["x-slimserve-variant"] in {"baseline", "int8"}
+    # Greedy, so that the answer can be checked against the variant the header names.
+    ask = {"model": "smollm2", "max_tokens": 8, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    chat = client.chat.completions.with_raw_response.create(messages=QUESTION, **ask)
+    variant = chat.headers["x-slimserve-variant"]
+    assert variant in {"baseline", "int8"}
     body = chat.parse()
-    # Exactly the tokens asked for (ignore_eos), counted by the engine, and text for them.
+    # Exactly the tokens asked for (ignore_eos), counted by the engine, and text for them: the
+    # named variant's own answer (the same request forced to it answers the same).
     assert (body.usage.completion_tokens, body.choices[0].finish_reason) == (8, "length")
+    forced = client.chat.completions.create(messages=QUESTION, extra_headers={"x-slimserve-variant": variant}, **ask)
+    assert body.choices[0].message.content == forced.choices[0].message.content
     assert body.choices[0].message.content.strip()
 
-    comp = client.completions.with_raw_response.create(model="smollm2", prompt="The capital of France is", max_tokens=8,
-                                                       extra_body={"ignore_eos": True})
-    assert comp.headers["x-slimserve-variant"] in {"baseline", "int8"}
+    comp = client.completions.with_raw_response.create(prompt="The capital of France is", **ask)
+    variant = comp.headers["x-slimserve-variant"]
+    assert variant in {"baseline", "int8"}
     assert (comp.parse().usage.completion_tokens, comp.parse().choices[0].finish_reason) == (8, "length")
-    assert comp.parse().choices[0].text.strip()
+    forced = client.completions.create(prompt="The capital of France is", extra_headers={"x-slimserve-variant": variant}, **ask)
+    assert comp.parse().choices[0].text == forced.choices[0].text and forced.choices[0].text.strip()
 
 
 def test_a_variant_id_can_be_asked_for_directly(client):

@@ -88,14 +88,17 @@ def optimizer_python() -> str:
     )
 
 
-def _library_versions(python: str, names: tuple[str, ...]) -> dict[str, str]:
+def _library_versions(python: str, names: tuple[str, ...], withhold_env=()) -> dict[str, str]:
     if not names:
         return {}
     code = (
         "import importlib.metadata as m, json, sys\n"
         "print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
     )
-    out = subprocess.run([python, "-c", code, *names], check=True, capture_output=True, text=True)
+    # The optimizer environment's Python imports its site packages (.pth hooks included): it gets
+    # the build child's environment, without the API and admin keys.
+    out = subprocess.run([python, "-c", code, *names], check=True, capture_output=True, text=True,
+                         env=child_environment(withhold_env))
     return json.loads(out.stdout)
 
 
@@ -352,7 +355,7 @@ def optimize(
     if not spec.produces_artifact:
         return OptimizeResult(base, base, spec.method, None, time.monotonic() - t0, None)
     python = optimizer_python() if spec.needs_optimizer_env else sys.executable
-    versions = _library_versions(python, spec.libraries)
+    versions = _library_versions(python, spec.libraries, withhold_env)
     held_out = gate.held_out if gate.measure else None
     if held_out is not None and held_out.text == "fortunes" and not held_out.available():
         if gate.max_ppl_ratio is not None:

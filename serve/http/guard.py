@@ -112,13 +112,34 @@ def json_problem(body: bytes) -> str | None:
     ValueError for bad syntax, bad UTF-8 and over-long integers, and RecursionError for deep
     nesting (`[[[[...`): each of them is the client's error, not the server's. NaN and Infinity
     are not JSON (RFC 8259) though Python reads them: a validation error that quotes one back
-    fails to serialize (a 500), so they are refused here too."""
+    fails to serialize (a 500), so they are refused here too. So are strings that are not
+    Unicode text: `"\\ud800"` (a lone surrogate, escaped) is valid JSON syntax, but an answer
+    that quotes it back (an unknown model's name) cannot be encoded as UTF-8 (a 500 as well)."""
     try:
-        json.loads(body, parse_constant=_not_json)
+        document = json.loads(body, parse_constant=_not_json)
     except RecursionError:
         return "nested too deeply"
     except ValueError as e:
         return str(e).split(":")[0][:200]
+    return _not_utf8(document)
+
+
+def _not_utf8(document) -> str | None:
+    """Why a string of `document` (keys included) is not UTF-8 text, or None. A loop, not
+    recursion: json.loads already accepted the depth, which may exceed the recursion limit here."""
+    todo = [document]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"a string holds a lone surrogate (\\u{ord(value[e.start]):04x}), which is not Unicode text"
     return None
 
 

@@ -6,7 +6,9 @@ the server's paths, the optimizer's output — stays on the admin route `GET /sl
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from slimserve.serve.handoff import EngineRecord
@@ -62,8 +64,20 @@ def public_engine_facts(record: EngineRecord | None) -> dict:
 
 # What every client may see of a rollout: where it stands, not why (history, reasons, evidence).
 PUBLIC_ROLLOUT_FIELDS = ("candidate", "baseline", "status", "step", "steps", "candidate_percent")
-# An absolute path of two or more parts (`/root/.cache/x`, `/tmp/a.safetensors`): kept to its last part.
-_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"`:,()]+/)+([^\s/'\"`:,()]*)")
+# An absolute path of two or more parts (`/root/.cache/x`, `/tmp/a.safetensors`), or what is left
+# of one once a known folder is cut (`…/artifacts/x`): kept to its last part.
+_PATH = re.compile(r"(?<![\w.:/…])…?/(?:[^\s/'\"`:,()]+/)+([^\s/'\"`:,()]*)")
+
+
+def known_folders() -> list[str]:
+    """The server's folders that paths in failure text start with ($SLIMSERVE_HOME, which holds
+    the artifact cache and built models by default, $HF_HOME, the home, temporary and working
+    folders), longest first. A name in them may hold spaces, which the pattern above cannot tell
+    from the text around a path."""
+    folders = {os.environ.get("SLIMSERVE_HOME", ""), os.environ.get("HF_HOME", ""), os.path.expanduser("~"),
+               tempfile.gettempdir(), os.getcwd()}
+    folders = {f.rstrip("/") for f in folders if f.startswith("/")}
+    return sorted((f for f in folders if f), key=len, reverse=True)  # not `/` itself
 
 
 def public_reason(health: VariantHealth) -> str:
@@ -74,6 +88,9 @@ def without_paths(value):
     """`value` (text, or lists and dicts of it) with the server's absolute paths cut to their
     last part: a client learns which file, not where the server keeps it."""
     if isinstance(value, str):
+        for folder in known_folders():
+            # The whole folder only (`/home/u` is not the start of `/home/u2`).
+            value = re.sub(rf"(?<![\w.:/]){re.escape(folder)}(?=[/\s'\"`:,()]|$)", "…", value)
         return _PATH.sub(lambda m: f"…/{m.group(1)}", value)
     if isinstance(value, dict):
         return {k: without_paths(v) for k, v in value.items()}
