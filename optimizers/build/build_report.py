@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from slimserve.optimizers.cache.upkeep import CacheManifest, FileDigest  # noqa: F401 (FileDigest: re-exported)
 from slimserve.optimizers.quality import HeldOut
 
 
@@ -58,20 +59,12 @@ class BuildReport(BaseModel):
         return self.model_dump(exclude_unset=True)
 
 
-class FileDigest(BaseModel):
-    """One file of an artifact, as its manifest records it (cache/store.py verifies it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sha256: str = Field(description="sha256 of the file's bytes, hex.")
-    size: int = Field(ge=0, description="Its size in bytes.")
-
-
-class ArtifactManifest(BaseModel):
+class ArtifactManifest(CacheManifest):
     """`<key>/slimserve-manifest.json` of a cached artifact: what made it (pipeline.optimize's
-    facts), when, and every file's digest (cache/store.py writes and verifies those). Fields a
-    later slimserve adds are ignored here; one this slimserve needs and cannot read makes the
-    artifact a rebuild (ArtifactCache.lookup), never a crash."""
+    facts), when, and every file's digest (`files`, from the cache's own `CacheManifest`:
+    cache/store.py writes and verifies those). Fields a later slimserve adds are ignored here;
+    one this slimserve needs and cannot read makes the artifact a rebuild (ArtifactCache.lookup),
+    never a crash."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -84,7 +77,6 @@ class ArtifactManifest(BaseModel):
     created: str = Field(description="UTC time the build finished, ISO 8601.")
     build_seconds: float = Field(ge=0, description="Wall time of the build, the child's start to its end.")
     report: BuildReport = Field(description="The optimizer child's report.")
-    files: dict[str, FileDigest] = Field(description="sha256 and size of every file of the artifact.")
 
 
 def field_errors(e: ValidationError, prefix: str = "") -> str:

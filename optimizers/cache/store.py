@@ -20,8 +20,9 @@ digest to the files' size, mtime, ctime and inode at that moment; while they mat
 start checks only those (a change through the file system changes ctime).
 
 This module: digests, verification and `ArtifactCache` (lookup, get_or_build). The build lock and
-the in-use holds are in `cache_locks`; listing, eviction, stale clean-up and `slimserve cache` in
-`cache_upkeep`. Their public names are re-exported here.
+the in-use holds are in `cache/locks.py`; listing, eviction, stale clean-up, `slimserve cache`
+and the manifest as the cache reads it (`CacheManifest`) in `cache/upkeep.py`. Their public names
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ from typing import Any, Callable, TypeVar
 from slimserve.optimizers.cache.locks import (
     IN_USE, MANIFEST, VERIFIED, BuildLock, CacheHold, LockTimeout, _in_use, _touch, describe_holder, hold, read_holder,
 )
-from slimserve.optimizers.cache.upkeep import GIB, CacheUpkeep, Entry, cache_command
+from slimserve.optimizers.cache.upkeep import GIB, CacheManifest, CacheUpkeep, Entry, FileDigest, cache_command
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S", "GIB", "IN_USE", "MANIFEST",
     "sha256_file", "folder_digest", "file_digests", "CorruptArtifact", "verify", "ArtifactCache",
     "LockTimeout", "BuildLock", "read_holder", "describe_holder", "CacheHold", "hold",
-    "Entry", "cache_command",
+    "Entry", "cache_command", "CacheManifest", "FileDigest",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _stats(folder: Path, rels) -> dict[str, list[int]]:
     return out
 
 
-def _verified_before(folder: Path, manifest_digest: str, expected: dict[str, Any]) -> bool:
+def _verified_before(folder: Path, manifest_digest: str, expected: dict[str, FileDigest]) -> bool:
     """Whether the marker says these very files were hashed against this very manifest."""
     try:
         marker = json.loads((folder / VERIFIED).read_text())
@@ -124,15 +125,22 @@ class CorruptArtifact(Exception):
     pass
 
 
+def _one_line(e: Exception) -> str:
+    """pydantic's ValidationError (a ValueError) as `field.path: reason; ...`; others as they print."""
+    if hasattr(e, "errors"):
+        return "; ".join(f"{'.'.join(map(str, x['loc'])) or '(top level)'}: {x['msg']}" for x in e.errors())
+    return str(e)
+
+
 def verify(folder: Path) -> dict[str, Any]:
     """Return the manifest of `folder` after checking every file against it (hashing them only
     when they are not the files verified before against this manifest)."""
     try:
         raw = (folder / MANIFEST).read_bytes()
         manifest = json.loads(raw)
-        expected = manifest["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CorruptArtifact(f"{folder}: manifest missing or unreadable ({e})") from None
+        expected = CacheManifest.model_validate(manifest).files
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise CorruptArtifact(f"{folder}: manifest missing or unreadable ({_one_line(e)})") from None
     digest = hashlib.sha256(raw).hexdigest()
     if _verified_before(folder, digest, expected):
         return manifest
@@ -140,9 +148,9 @@ def verify(folder: Path) -> dict[str, Any]:
         p = folder / rel
         if not p.is_file():
             raise CorruptArtifact(f"{folder}: {rel} is missing")
-        if p.stat().st_size != want["size"]:
-            raise CorruptArtifact(f"{folder}: {rel} has {p.stat().st_size} bytes, manifest says {want['size']}")
-        if sha256_file(p) != want["sha256"]:
+        if p.stat().st_size != want.size:
+            raise CorruptArtifact(f"{folder}: {rel} has {p.stat().st_size} bytes, manifest says {want.size}")
+        if sha256_file(p) != want.sha256:
             raise CorruptArtifact(f"{folder}: {rel} does not match its sha256")
     extra = set(_relative_files(folder)) - set(expected)
     if extra:
@@ -175,9 +183,9 @@ class ArtifactCache(CacheUpkeep):
             return None
         try:
             return read(manifest)
-        except ValueError as e:  # pydantic's ValidationError is one: each field it names, on one line
-            why = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()) if hasattr(e, "errors") else e
-            log.warning("cached artifact %s has a manifest this slimserve does not read (%s): to be rebuilt", folder, why)
+        except ValueError as e:
+            log.warning("cached artifact %s has a manifest this slimserve does not read (%s): to be rebuilt", folder,
+                        _one_line(e))
             return None
 
     def _set_aside(self, folder: Path) -> None:
@@ -216,19 +224,20 @@ class ArtifactCache(CacheUpkeep):
             try:
                 t0 = time.monotonic()
                 facts = build(tmp)
+                files = file_digests(tmp)
                 manifest = {
                     **info,
                     "key": key,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "build_seconds": round(time.monotonic() - t0, 3),
                     "report": facts,
-                    "files": file_digests(tmp),
+                    "files": files,
                 }
                 text = json.dumps(manifest, indent=2, sort_keys=True)
                 made = read(json.loads(text))  # what the next lookup reads: a manifest it refuses is not stored
                 (tmp / MANIFEST).write_text(text)
                 # Just hashed: the first start that uses it need not hash it again.
-                _mark_verified(tmp, hashlib.sha256((tmp / MANIFEST).read_bytes()).hexdigest(), manifest["files"])
+                _mark_verified(tmp, hashlib.sha256((tmp / MANIFEST).read_bytes()).hexdigest(), files)
                 (tmp / IN_USE).touch()
                 tmp.chmod(0o755)
                 final = self.path(key)

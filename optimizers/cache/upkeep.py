@@ -1,7 +1,12 @@
 """Upkeep of the artifact cache: listing, size-capped least-recently-used eviction, and removal
 of what crashed builders left, as `CacheUpkeep` (the base of `ArtifactCache`), plus the body of
-`slimserve cache ls | prune`. An artifact held in use (`cache_locks.hold`) is never evicted, and
-a temporary folder is left alone while its key's build lock is held.
+`slimserve cache ls | prune`. An artifact held in use (`cache/locks.py`'s `hold`) is never
+evicted, and a temporary folder is left alone while its key's build lock is held.
+
+`CacheManifest` is the part of an artifact's manifest the cache itself reads (every file's
+digest; the method, base and slimserve version `slimserve cache ls` shows). The build's full
+manifest, `ArtifactManifest` (optimizers/build/build_report.py), extends it: this room may not
+import the build's (tests/test_import_graph.py), so the cache reads its own fields only.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from slimserve.optimizers.cache.locks import IN_USE, MANIFEST, BuildLock, _in_use, _open_marker, describe_holder, read_holder
 
 log = logging.getLogger("slimserve.optimizers.cache.store")  # the cache's logger, as before the split
@@ -25,6 +32,35 @@ log = logging.getLogger("slimserve.optimizers.cache.store")  # the cache's logge
 REMOTE_BUILD_GRACE_S = 24 * 3600.0  # longer than any build_timeout_s in use
 _STALE_MEMO_S = 3600.0  # a leftover `.base-digests.<pid>.tmp` older than this is removed
 GIB = 1 << 30
+
+
+class FileDigest(BaseModel):
+    """One file of an artifact, as its manifest records it (cache/store.py writes and verifies it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(description="sha256 of the file's bytes, hex.")
+    size: int = Field(ge=0, description="Its size in bytes.")
+
+
+class CacheManifest(BaseModel):
+    """`<key>/slimserve-manifest.json` as the cache reads it: every file's digest (verified
+    before the artifact is served) and what `slimserve cache ls` shows. Other fields (the
+    build's: `ArtifactManifest`) are ignored here. One that does not read is a corrupt artifact
+    to `verify` (rebuilt) and an unknown one to `entries` (listed as `?`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    files: dict[str, FileDigest] = Field(description="sha256 and size of every file of the artifact.")
+    method: str | None = Field(None, description="The optimization method (registry name).")
+    base: str | None = Field(None, description="The base checkpoint's folder.")
+    slimserve: dict[str, Any] = Field(default_factory=dict, description="slimserve's version and code identity that built it.")
+
+
+def read_manifest(text: str | bytes) -> CacheManifest:
+    """The manifest in `text`; ValueError (pydantic's ValidationError is one) when it does not read.
+    (json.loads, not pydantic's JSON parser: a build report's NaN perplexity is written as NaN.)"""
+    return CacheManifest.model_validate(json.loads(text))
 
 
 @dataclass
@@ -36,7 +72,20 @@ class Entry:
     size: int  # bytes on disk (the files' sizes)
     last_used: float  # epoch seconds: the in-use marker's mtime, else the manifest's
     in_use: bool
-    manifest: dict[str, Any]
+    manifest: CacheManifest | None  # None: missing or unreadable
+
+    @property
+    def method(self) -> str:
+        return (self.manifest and self.manifest.method) or "?"
+
+    @property
+    def base(self) -> str:
+        return (self.manifest and self.manifest.base) or "?"
+
+    @property
+    def slimserve_version(self) -> str:
+        version = self.manifest.slimserve.get("version") if self.manifest else None
+        return "-" if version is None else str(version)
 
 
 def _building_elsewhere(lock_path: Path) -> bool:
@@ -86,9 +135,9 @@ class CacheUpkeep:
             if not (_is_key(folder.name) and folder.is_dir()):
                 continue
             try:
-                manifest = json.loads((folder / MANIFEST).read_text())
+                manifest = read_manifest((folder / MANIFEST).read_bytes())
             except (OSError, ValueError):
-                manifest = {}
+                manifest = None
             try:
                 last = (folder / IN_USE).stat().st_mtime
             except OSError:
@@ -129,7 +178,7 @@ class CacheUpkeep:
                 continue
             total -= e.size
             evicted.append(e)
-            log.info("artifact cache: evicted %s (%s, %.1f MB, last used %s)", e.key[:12], e.manifest.get("method"),
+            log.info("artifact cache: evicted %s (%s, %.1f MB, last used %s)", e.key[:12], e.method,
                      e.size / 1e6, time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.last_used)))
         if total > max_bytes:
             log.warning("artifact cache %s: %.2f GiB after eviction, over its cap of %.2f GiB (the rest is in use)",
@@ -238,13 +287,12 @@ def cache_command(action: str, root: str | os.PathLike, max_gib: float | None = 
             print("no size cap given (--max-gib, or cache_max_gib in the config): only stale temporaries removed", file=out)
         else:
             for e in cache.prune(int(max_gib * GIB)):
-                print(f"evicted {e.key[:12]}  {e.manifest.get('method', '?')}  {e.size / 1e6:.1f} MB  last used {_when(e.last_used)}", file=out)
+                print(f"evicted {e.key[:12]}  {e.method}  {e.size / 1e6:.1f} MB  last used {_when(e.last_used)}", file=out)
     entries = cache.entries()
     rows = [("key", "method", "base", "MB", "last used", "in use", "slimserve")]
     for e in reversed(entries):  # most recently used first
-        m = e.manifest
-        rows.append((e.key[:12], str(m.get("method", "?")), Path(str(m.get("base", "?"))).name, f"{e.size / 1e6:.1f}",
-                     _when(e.last_used), "yes" if e.in_use else "no", str((m.get("slimserve") or {}).get("version", "-"))))
+        rows.append((e.key[:12], e.method, Path(e.base).name, f"{e.size / 1e6:.1f}",
+                     _when(e.last_used), "yes" if e.in_use else "no", e.slimserve_version))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     if entries:
         for r in rows:

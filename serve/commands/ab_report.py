@@ -137,25 +137,6 @@ def _buckets(prom: str, model: str, window: str, metric: str) -> dict[str, list[
     return {v: sorted(b) for v, b in out.items()}
 
 
-def latency_test(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float | None:
-    """p-value of the chi-square test of homogeneity between two histograms (same buckets): do
-    the distributions differ at all. Not what a verdict rests on (tail_test is); kept for callers."""
-    from scipy.stats import chi2_contingency
-
-    def per_bucket(cum):
-        counts = [round(c) for _, c in cum]
-        return [y - x for x, y in zip([0] + counts, counts)]
-
-    rows = [per_bucket(a), per_bucket(b)]
-    if len(rows[0]) != len(rows[1]):
-        return None
-    columns = [i for i in range(len(rows[0])) if rows[0][i] + rows[1][i] > 0]
-    table = [[max(0, r[i]) for i in columns] for r in rows]
-    if len(columns) < 2 or min(sum(r) for r in table) == 0:
-        return None  # one bucket holds everything (or one side is empty): nothing to test
-    return float(chi2_contingency(table).pvalue)
-
-
 def error_test(base: VariantStats, cand: VariantStats) -> tuple[float, float, int | None]:
     """(p more errors, p fewer errors, about how many more candidate requests would decide)."""
     p0 = base.errors / base.requests if base.requests else 0.0

@@ -28,6 +28,8 @@ APP_NAME = DEFAULT_APP_NAME
 # replica then keeps serving for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (30 s) so that an
 # outside load balancer can notice: on one machine the traffic comes through Serve's own proxy,
 # which learns of the stop from the controller, so `slimserve run` stops in seconds, not 30 s.
+# Undocumented Ray knobs, yet not in rayllm.py: that module imports Ray Serve, and these must be
+# set before anything does. tests/test_ray_adapter.py checks the installed Ray still reads them.
 RAY_SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
