@@ -81,3 +81,4 @@ def test_rollout_config_rolls_int8_out_against_bf16_with_the_agreement_floor():
     r = model.rollout
     assert (r.candidate, r.baseline or model.variants[0].name, r.steps) == ("int8", "bf16", [5, 25, 50, 100])
     assert r.guardrails.min_agreement == 0.8 and model.probe is not None and r.significance == 0.05
+    assert r.sticky is False and r.inconclusive_after == 3  # the defaults, written out

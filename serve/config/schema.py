@@ -227,7 +227,8 @@ class ModelSpec(_Strict):
     sticky: bool = Field(
         True,
         description="Send every request of one user (OpenAI `user` field, or the x-slimserve-user header) to the "
-        "same variant, by weighted consistent hashing: a small weight change moves few users.",
+        "same variant, by weighted consistent hashing: a small weight change moves few users. While a `rollout:` "
+        "runs, its baseline and candidate count as one variant here and split per request, unless `rollout.sticky`.",
     )
     shadow: str | None = Field(
         None,
