@@ -185,3 +185,9 @@ def test_a_rollouts_pair_is_split_per_request_and_its_users_stay_with_the_pair()
     got = {router.route("m", None, user, lambda _: True, str).variant for _ in range(200)}
     assert got == {"base", "cand"}
     assert len({Router({"m": routes}).route("m", None, user, lambda _: True, str).variant for _ in range(200)}) == 1
+    # /v1/models says so, beside `sticky`.
+    from slimserve.serve.http.health import State, VariantHealth
+    from slimserve.serve.http.model_cards import public_card
+    card = public_card("m", router, lambda _: VariantHealth(State.READY)).metadata
+    assert (card["sticky"], card["split_per_request"]) == (True, ["base", "cand"])
+    assert "split_per_request" not in public_card("m", Router({"m": routes}), lambda _: VariantHealth(State.READY)).metadata

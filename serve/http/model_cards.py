@@ -31,6 +31,8 @@ def public_card(name: str, router: Router, health_of, rollout: dict | None = Non
             **({"unavailable_because": public_reason(health)} if not health.available else {}),
         })
     meta = {"variants": variants, "sticky": router.sticky.get(name, True), "shadow": router.shadows.get(name)}
+    if name in router.per_request:  # a rollout's pair: one route to a sticky user, split per request
+        meta["split_per_request"] = list(router.per_request[name])
     if rollout:
         meta["rollout"] = {k: rollout[k] for k in PUBLIC_ROLLOUT_FIELDS if k in rollout}
     return ModelCard(id=name, object="model", owned_by="slimserve", permission=[], metadata=meta)
