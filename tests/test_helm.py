@@ -620,9 +620,12 @@ def test_network_policy_opens_only_the_serve_port_to_clients():
     selector = {"app.kubernetes.io/name": "slimserve", "app.kubernetes.io/instance": RELEASE}
     assert policy["spec"]["podSelector"]["matchLabels"] == selector
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    # The Serve port (and Ray's metrics port) from anywhere: a rule with that port and no `from`.
-    for port in (8000, 8080):
-        assert any("from" not in r for r in _rules_reaching(policy, port)), port
+    # The Serve port from anywhere: a rule with that port and no `from`.
+    assert any("from" not in r for r in _rules_reaching(policy, 8000))
+    # Ray's metrics port: from the cluster's pods (Prometheus), not from outside the cluster.
+    metrics = _rules_reaching(policy, 8080)
+    assert metrics and all("from" in r for r in metrics), metrics
+    assert {"namespaceSelector": {}} in [p for r in metrics for p in r["from"]]
     # Ray's own ports: only from the cluster's pods or the KubeRay operator, never from anyone.
     for port in RAY_ONLY_PORTS:
         rules = _rules_reaching(policy, port)
