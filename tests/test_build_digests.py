@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,9 +56,11 @@ SPECS = {
     "qlora": {"method": "qlora", "rank": 4, "train": TINY_TRAIN, "eval": TINY_EVAL},
 }
 SKIPPED_BY_DESIGN = {"none": "builds nothing: the base is served as it is"}
-# Built and versioned, but their digest is not compared: their output is not bit-for-bit the same
-# between two installs of the same pins (seen 2026-12-07: a clean clone's `sparse` digest differed
-# while every other method's matched). Open: find what varies (SparseGPT's calibration pass?).
+# Built and versioned, but a changed digest only warns: their output was not bit-for-bit the same
+# between two installs of the same pins once (2026-12-07: a clean clone's `sparse` digest differed
+# while every other method's matched). Later the same day five `sparse` builds, on this checkout's
+# install and on a clean clone's, each in its own child process, all gave the recorded digest: the
+# warning (in CI's log) says whether it differs again before the exemption goes.
 NOT_REPRODUCIBLE = {"sparse"}
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -170,6 +173,11 @@ def test_each_method_s_output_matches_the_digest_recorded_for_its_version(digest
                 f"{BUILD_VERSION}): bump `version` of {module} (or BUILD_VERSION in optimizers/registry.py when "
                 f"shared build code changed every method's output), then re-record ({RECORD_ENV}=1)"
             )
+    for name in sorted(NOT_REPRODUCIBLE & set(current)):
+        then = recorded["methods"].get(name) or {}
+        if then.get("digest") not in (None, current[name]["digest"]):
+            warnings.warn(f"{name}: digest {current[name]['digest']} differs from the recorded {then['digest']} "
+                          f"(not compared: NOT_REPRODUCIBLE)")
     if problems and libraries != recorded.get("libraries"):
         problems.append(
             f"the libraries changed since the record ({recorded.get('libraries')} -> {libraries}): if only they "
