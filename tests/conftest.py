@@ -80,6 +80,15 @@ def leftovers_after(pattern: str, timeout_s: float = 60, marker: str | None = No
     return left
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie has exited (its parent, or init, reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

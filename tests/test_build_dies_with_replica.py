@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import release_main_app, undeploy, wait_for
+from conftest import process_alive as alive, release_main_app, undeploy, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.heavy]
 
@@ -34,14 +34,6 @@ with open({pids!r}, "a") as f:  # the build: one line per build started
     f.write(f"{{os.getpid()}}\\n")
 time.sleep(600)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def parent_of(pid: int) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import process_alive as alive
+
 from slimserve.optimizers.build import pipeline
 from slimserve.optimizers.cache.store import ArtifactCache
 from slimserve.optimizers.build.pipeline import OptimizationFailed, OptimizationTimedOut, optimize
@@ -41,14 +43,6 @@ if mode == "fail":
     sys.exit(1)
 time.sleep(300)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; its parent (here: init) reaps it
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from conftest import process_alive as alive
 from slimserve.optimizers.build import pipeline
 from slimserve.optimizers.registry import parse
 
@@ -37,14 +38,6 @@ pipeline._child_command = lambda python, request: [sys.executable, build, pids]
 asyncio.run(asyncio.to_thread(
     pipeline._run_child, sys.executable, parse("none"), out, out / "artifact", None, 600))
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_for(predicate, timeout_s: float) -> bool:
