@@ -1,6 +1,8 @@
 """A real Ray Serve replica SIGKILLed in the middle of its variant's build (as Serve does after the
 graceful timeout, or the OOM killer): the build goes with it, and the replica Serve starts next
-builds alone (optimizers/build/lifeline.py). tests/test_lifeline.py shows the mechanism on a plain
+builds alone; deleting the app ends that build too — there Ray's raylet SIGKILLs the replica's
+direct child, the lifeline, before it can act, so the build itself dies with the lifeline
+(optimizers/build/lifeline.py; before that fix the build outlived the deleted app). tests/test_lifeline.py shows the mechanism on a plain
 parent process; this is the replica itself.
 
 The build is a stand-in optimizer interpreter (`deployment.env` SLIMSERVE_OPTIMIZER_PYTHON): it
@@ -40,6 +42,18 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def chain(pid: int) -> list[str]:
+    """The process and its ancestors, as `pid: command` (for a failure's message)."""
+    out = []
+    while pid > 1 and len(out) < 4:
+        try:
+            out.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')[:120]}")
+            pid = parent_of(pid)
+        except OSError:
+            break
+    return out
+
+
 def test_a_replica_killed_mid_build_takes_its_build_with_it(serve_url, tmp_path):
     from ray import serve
 
@@ -74,10 +88,12 @@ def test_a_replica_killed_mid_build_takes_its_build_with_it(serve_url, tmp_path)
         assert [p for p in map(int, builds) if alive(p)] == [int(builds[1])]
     finally:
         undeploy(APP)
-    # Deleting the app ends the second build too (the replica's `finally`, or its lifeline).
+    # Deleting the app ends the second build too (Serve stops the replica, the raylet kills its
+    # children: the lifeline, and with it the build). Within Serve's graceful timeout (20 s) and then some.
     t0 = time.monotonic()
-    while (leftover := [int(p) for p in pids.read_text().split() if alive(int(p))]) and time.monotonic() - t0 < 10:
+    while (leftover := [int(p) for p in pids.read_text().split() if alive(int(p))]) and time.monotonic() - t0 < 60:
         time.sleep(0.1)
+    why = [(pid, chain(pid)) for pid in leftover]
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
-    assert not leftover, leftover
+    assert not leftover, why

@@ -17,6 +17,7 @@ the signal's handler runs at once (a busy optimizer could hold its interpreter f
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import subprocess
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
         _kill_group()
     # SIGTERM (the pipeline's graceful stop) goes to the whole group: the optimizer gets its own.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen(command, restore_signals=True, preexec_fn=_default_sigterm)
+    child = subprocess.Popen(command, restore_signals=True, preexec_fn=functools.partial(_in_child, os.getpid()))
     while True:
         try:
             code = child.wait()
@@ -56,8 +57,15 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _default_sigterm() -> None:
+def _in_child(lifeline: int) -> None:
+    """Between fork and exec of the optimizer: SIGTERM back to its default, and SIGKILL when we die.
+    Ray's raylet SIGKILLs the direct children of a worker it stops (an app's deletion): that is us,
+    before our handler can run, so the optimizer must not outlive us either. (Processes the
+    optimizer itself started are not covered in that case: PR_SET_PDEATHSIG is not inherited.)"""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored dispositions are inherited across exec
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != lifeline:  # we died before prctl took effect
+        os._exit(70)
 
 
 if __name__ == "__main__":
