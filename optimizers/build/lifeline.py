@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         _kill_group()
     # SIGTERM (the pipeline's graceful stop) goes to the whole group: the optimizer gets its own.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    child = subprocess.Popen(command, restore_signals=True, preexec_fn=functools.partial(_in_child, os.getpid()))
+    child = subprocess.Popen(command, restore_signals=True, preexec_fn=functools.partial(_in_child, os.getpid(), libc))
     while True:
         try:
             code = child.wait()
@@ -57,13 +57,13 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _in_child(lifeline: int) -> None:
+def _in_child(lifeline: int, libc) -> None:
     """Between fork and exec of the optimizer: SIGTERM back to its default, and SIGKILL when we die.
     Ray's raylet SIGKILLs the direct children of a worker it stops (an app's deletion): that is us,
     before our handler can run, so the optimizer must not outlive us either. (Processes the
     optimizer itself started are not covered in that case: PR_SET_PDEATHSIG is not inherited.)"""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored dispositions are inherited across exec
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != lifeline:  # we died before prctl took effect
         os._exit(70)
 

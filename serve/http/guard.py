@@ -9,6 +9,7 @@ import functools
 import hmac
 import json
 import os
+import re
 
 from fastapi import Request, status
 from ray.serve.llm.openai_api_models import ErrorResponse
@@ -121,7 +122,12 @@ def json_problem(body: bytes) -> str | None:
         return "nested too deeply"
     except ValueError as e:
         return str(e).split(":")[0][:200]
-    return _not_utf8(document)
+    # A surrogate can only come in as a `\udXXX` escape (UTF-8 bytes cannot encode one): a body
+    # without such an escape, nearly every one, is not walked.
+    return _not_utf8(document) if _SURROGATE_ESCAPE.search(body) else None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _not_utf8(document) -> str | None:
